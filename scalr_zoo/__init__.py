@@ -5,6 +5,10 @@
 >>> features = model.extract(points)                         # (N, C) float32  # doctest: +SKIP
 """
 
+from ._platform import guard_onednn_isa as _guard_onednn_isa
+
+_guard_onednn_isa()
+
 from .config import SENSOR_PRESETS, ArchConfig, ModelConfig, PreprocessConfig
 from .convert import read_original_checkpoint
 from .extract import extract

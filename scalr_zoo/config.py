@@ -193,6 +193,8 @@ class PreprocessConfig:
             fov_min, fov_max = (tuple(float(v) for v in corner) for corner in fov)
         except (TypeError, ValueError):
             raise ValueError(f"fov must be ((xmin, ymin, zmin), (xmax, ymax, zmax)), got {fov!r}") from None
+        if len(fov_min) != 3 or len(fov_max) != 3 or any(lo >= hi for lo, hi in zip(fov_min, fov_max)):
+            raise ValueError(f"fov_min {fov_min} must be below fov_max {fov_max} on every axis (x, y, z)")
         if grids is None:
             new_grids = []
             for (u, v), (su, sv) in zip(self.plane_axes(dim_proj), self.cell_sizes(dim_proj)):
