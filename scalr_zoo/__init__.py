@@ -9,11 +9,15 @@ from ._platform import guard_onednn_isa as _guard_onednn_isa
 
 _guard_onednn_isa()
 
+from . import data, io, viz
 from .config import SENSOR_PRESETS, ArchConfig, ModelConfig, PreprocessConfig
 from .convert import read_original_checkpoint
+from .data import SampleScan, sample_scan
 from .extract import extract
+from .io import read_point_cloud, read_points
 from .loading import create_model, load
 from .model import PackedInput, WaffleIron
+from .segment import Segmentation, segment
 
 __version__ = "0.1.0"
 
@@ -23,10 +27,19 @@ __all__ = [
     "PackedInput",
     "PreprocessConfig",
     "SENSOR_PRESETS",
+    "SampleScan",
+    "Segmentation",
     "WaffleIron",
     "__version__",
     "create_model",
+    "data",
     "extract",
+    "io",
     "load",
     "read_original_checkpoint",
+    "read_point_cloud",
+    "read_points",
+    "sample_scan",
+    "segment",
+    "viz",
 ]

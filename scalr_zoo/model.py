@@ -274,3 +274,13 @@ class WaffleIron(nn.Module):
         from .extract import extract
 
         return extract(self, points, **kwargs)
+
+    def segment(
+        self,
+        points: "torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]",
+        **kwargs: Any,
+    ) -> Any:
+        """Class id, name and probability of every point; see :func:`scalr_zoo.segment.segment`."""
+        from .segment import segment
+
+        return segment(self, points, **kwargs)
