@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Union
@@ -252,7 +253,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, str | None]:
         if str(exc).startswith(str(path)):
             raise
         raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
-    except (EOFError, OSError, KeyError) as exc:
+    except (EOFError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
     return _points_from_array(array, path, f"array {key!r}")
 
