@@ -37,6 +37,7 @@ import logging
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Union
@@ -237,24 +238,22 @@ def _read_npy(path: Path) -> tuple[np.ndarray, str | None]:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, str | None]:
+    unreadable = (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, zlib.error)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
-            if "points" in keys:
-                key = "points"
-            elif len(keys) == 1:
-                key = keys[0]
-            else:
-                raise ValueError(
-                    f"{path}: holds arrays {keys} and none is called 'points'; save the cloud under the key 'points'"
-                )
+        archive = np.load(path, allow_pickle=False)
+    except unreadable as exc:
+        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
+    with archive:
+        keys = list(archive.files)
+        if "points" not in keys and len(keys) != 1:
+            raise ValueError(
+                f"{path}: holds arrays {keys} and none is called 'points'; save the cloud under the key 'points'"
+            )
+        key = "points" if "points" in keys else keys[0]
+        try:
             array = archive[key]
-    except ValueError as exc:
-        if str(exc).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
-    except (EOFError, OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from None
+        except unreadable as exc:
+            raise ValueError(f"{path}: array {key!r} is not readable ({exc})") from None
     return _points_from_array(array, path, f"array {key!r}")
 
 

@@ -376,6 +376,12 @@ def test_broken_numpy_files(tmp_path):
     np.savez(tmp_path / "two.npz", a=points, b=points)
     with pytest.raises(ValueError, match=r"two\.npz: holds arrays \['a', 'b'\] and none is called 'points'"):
         read_points(tmp_path / "two.npz")
+    np.savez_compressed(tmp_path / "whole.npz", points=points)
+    data = bytearray((tmp_path / "whole.npz").read_bytes())
+    data[100:140] = bytes(40)  # damage the compressed array, keep the zip directory
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged\.npz: (array 'points' is not readable|not a readable)"):
+        read_points(tmp_path / "damaged.npz")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match=r"bad\.npz: not a readable \.npz archive"):
         read_points(tmp_path / "bad.npz")
