@@ -23,13 +23,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import ModelConfig
+from .config import ModelConfig
 
 __all__ = [
     "read_original_checkpoint",
@@ -110,7 +109,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 
 def convert_checkpoint(
-    checkpoint: str | os.PathLike, config: "ModelConfig", out_dir: str | os.PathLike, *, overwrite: bool = False
+    checkpoint: str | os.PathLike, config: ModelConfig, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Convert an original checkpoint into a Hub-ready folder.
 
@@ -144,7 +143,7 @@ def convert_checkpoint(
 
 
 def convert_archive(
-    archive: str | os.PathLike, config: "ModelConfig", out_dir: str | os.PathLike, *, overwrite: bool = False
+    archive: str | os.PathLike, config: ModelConfig, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Convert an original release archive (``.tar.gz``) into a Hub-ready folder.
 

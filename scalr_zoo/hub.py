@@ -420,9 +420,9 @@ def _download_url(url: str, destination: Path, desc: str) -> str:
     return digest.hexdigest()
 
 
-def _check_archive(entry: PretrainedEntry, archive: Path, digest: str, fresh: bool) -> None:
-    """Compare an archive's sha256 with the manifest's, then with the one recorded at its first
-    download (recording it if there is none). Deletes the archive and raises on a mismatch."""
+def _check_archive(entry: PretrainedEntry, archive: Path, digest: str) -> None:
+    """Compare an archive's sha256 with the manifest's, then with the one recorded when it was
+    first seen (recording it if there is none). Deletes the archive and raises on a mismatch."""
     what = f"the release archive of {entry.name} ({entry.archive_url})"
     if entry.archive_sha256 is not None and digest != entry.archive_sha256:
         archive.unlink(missing_ok=True)
@@ -441,8 +441,6 @@ def _check_archive(entry: PretrainedEntry, archive: Path, digest: str, fresh: bo
                 f"nothing was loaded. If the publisher really replaced the archive, delete {record_path} and load again."
             )
         return
-    if not fresh:
-        return  # an archive placed by hand with no record: checked against the manifest only
     _write_json_atomic(
         record_path,
         {"url": entry.archive_url, "sha256": digest, "size": archive.stat().st_size, "first_download": _now()},
@@ -470,7 +468,7 @@ def download_archive(entry: PretrainedEntry, *, local_files_only: bool = False, 
         raise ValueError(f"{entry.name} has no release archive (only a Hub location)")
     archive = _archive_path(entry)
     if archive.is_file() and not force_download:
-        _check_archive(entry, archive, sha256_file(archive), fresh=False)
+        _check_archive(entry, archive, sha256_file(archive))
         return archive
     if is_offline(local_files_only):
         raise NotCachedError(
@@ -482,7 +480,7 @@ def download_archive(entry: PretrainedEntry, *, local_files_only: bool = False, 
     url = mirror_url(entry.archive_url)
     logger.info("downloading %s", url)
     digest = _download_url(url, archive, desc=str(entry.archive_filename))
-    _check_archive(entry, archive, digest, fresh=True)
+    _check_archive(entry, archive, digest)
     return archive
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "model_info",
     "find_entry",
     "entry_for_archive",
+    "iter_entries",
     "manifest_entries",
     "MANIFEST_ENV",
     "UnknownModelError",
