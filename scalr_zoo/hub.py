@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request

@@ -159,7 +159,7 @@ print(scalr_zoo.download("test-scalr"))
 
 
 def test_two_processes_loading_at_once_download_once(zoo):
-    zoo.static.delay = 1.0  # keep the first download in flight while the other process asks
+    zoo.static.delay = 2.0  # keep the first download in flight while the other process asks
     barrier = zoo.tmp / "barrier"
     barrier.mkdir()
     env = zoo.subprocess_env()
