@@ -1,7 +1,7 @@
 """scalr-zoo: pretrained WaffleIron / ScaLR lidar backbones and per-point feature extraction.
 
 >>> import scalr_zoo
->>> model = scalr_zoo.load("checkpoint.pth", config={...})   # doctest: +SKIP
+>>> model = scalr_zoo.load("waffleiron-dinov2-L")            # doctest: +SKIP
 >>> features = model.extract(points)                         # (N, C) float32  # doctest: +SKIP
 """
 
@@ -10,32 +10,46 @@ from ._platform import guard_onednn_isa as _guard_onednn_isa
 _guard_onednn_isa()
 
 from . import data, io, viz
+from .archive import UnsafeArchiveError
 from .config import SENSOR_PRESETS, ArchConfig, ModelConfig, PreprocessConfig
-from .convert import read_original_checkpoint
+from .convert import convert_archive, convert_checkpoint, read_original_checkpoint
 from .data import SampleScan, sample_scan
 from .extract import extract
+from .hub import IntegrityError, NotCachedError, SourceNotFoundError, download
 from .io import read_point_cloud, read_points
 from .loading import create_model, load
 from .model import PackedInput, WaffleIron
+from .registry import PretrainedEntry, UnknownModelError, list_models, model_info
 from .segment import Segmentation, segment
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArchConfig",
+    "IntegrityError",
     "ModelConfig",
+    "NotCachedError",
     "PackedInput",
     "PreprocessConfig",
+    "PretrainedEntry",
     "SENSOR_PRESETS",
     "SampleScan",
     "Segmentation",
+    "SourceNotFoundError",
+    "UnknownModelError",
+    "UnsafeArchiveError",
     "WaffleIron",
     "__version__",
+    "convert_archive",
+    "convert_checkpoint",
     "create_model",
     "data",
+    "download",
     "extract",
     "io",
+    "list_models",
     "load",
+    "model_info",
     "read_original_checkpoint",
     "read_point_cloud",
     "read_points",

@@ -39,6 +39,7 @@ _SENSOR_ALIASES = {
     "kitti": "semantickitti",
     "semantic_kitti": "semantickitti",
     "panda64": "pandar64",
+    "pandagt": "pandargt",
     "nusc": "nuscenes",
 }
 

@@ -14,10 +14,12 @@ so an original state dict loads strictly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from .config import ArchConfig, ModelConfig
@@ -213,13 +215,16 @@ def apply_head(head: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class WaffleIron(nn.Module):
+class WaffleIron(nn.Module, PyTorchModelHubMixin):
     """A WaffleIron / ScaLR network with its preprocessing configuration.
 
     Build it from a :class:`~scalr_zoo.config.ModelConfig`; load weights with
     ``load_state_dict`` (original keys, ``module.`` stripped) or through
     :func:`scalr_zoo.load`. :meth:`extract` turns raw point clouds into
-    per-point features.
+    per-point features. ``save_pretrained(dir)`` / ``push_to_hub(repo_id)``
+    (huggingface_hub's mixin) write ``model.safetensors``, ``config.json`` and
+    a model card; :meth:`from_pretrained` reads them back (see
+    :mod:`scalr_zoo.publish`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -284,3 +289,27 @@ class WaffleIron(nn.Module):
         from .segment import segment
 
         return segment(self, points, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Mixin hook of ``save_pretrained``: ``model.safetensors`` and ``config.json``."""
+        from .publish import write_model_files
+
+        write_model_files(self, save_directory)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The ``README.md`` that ``save_pretrained`` / ``push_to_hub`` write."""
+        from .publish import model_card
+
+        return model_card(self.config, repo_id=kwargs.get("repo_id"))
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload to a Hub repository (huggingface_hub's mixin); the model card names the repository."""
+        kwargs["model_card_kwargs"] = {"repo_id": repo_id, **(kwargs.get("model_card_kwargs") or {})}
+        return super().push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "WaffleIron":
+        """Load like :func:`scalr_zoo.load`; a bare ``owner/repo`` means that Hub repository."""
+        from .publish import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, **kwargs)
