@@ -235,16 +235,21 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import hub
+    from .convert import convert_archive, convert_checkpoint, convert_registered
+    from .loading import _as_config
 
     if args.all:
-        for path in hub.convert_all(Path(args.output)):
-            print(path)
+        hashes = convert_registered(args.output, overwrite=args.overwrite, local_files_only=args.local_files_only)
+        print(json.dumps(hashes, indent=2))
         return 0
     if not args.source:
         raise CommandError("give a checkpoint (.pth or release .tar.gz) or --all")
-    config = json.loads(Path(args.config).read_text()) if args.config else None
-    print(hub.convert(args.source, Path(args.output), config=config, name=args.name))
+    if (args.config is None) == (args.name is None):
+        raise CommandError("give the architecture with exactly one of --config JSON or --name REGISTRY_NAME")
+    config = _as_config(json.loads(Path(args.config).read_text()) if args.config else args.name)
+    source = Path(args.source)
+    convert = convert_archive if source.name.endswith((".tar.gz", ".tgz")) else convert_checkpoint
+    print(convert(source, config, args.output, overwrite=args.overwrite))
     return 0
 
 
@@ -315,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", required=True, help="output folder")
     sub.add_argument("--config", help="JSON config (for a checkpoint outside the registry)")
     sub.add_argument("--name", help="registry name whose config applies")
-    sub.add_argument("--all", action="store_true", help="every registered archive")
+    sub.add_argument("--all", action="store_true", help="every registered archive, into OUTPUT/NAME/")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing folders")
+    sub.add_argument("--local-files-only", action="store_true", help="with --all: only archives already cached")
 
     sub = command("push", cmd_push, "upload a model folder to the Hugging Face Hub")
     sub.add_argument("source", help="model folder (save_pretrained) or registry name")
