@@ -13,7 +13,9 @@ from .config import SENSOR_PRESETS, ArchConfig, ModelConfig, PreprocessConfig
 from .convert import read_original_checkpoint
 from .extract import extract
 from .loading import create_model, load
+from .metrics import SegmentationScores
 from .model import PackedInput, WaffleIron
+from .train import TrainResult, finetune, layer_decay_param_groups, linear_probe
 
 __version__ = "0.1.0"
 
@@ -23,10 +25,15 @@ __all__ = [
     "PackedInput",
     "PreprocessConfig",
     "SENSOR_PRESETS",
+    "SegmentationScores",
+    "TrainResult",
     "WaffleIron",
     "__version__",
     "create_model",
     "extract",
+    "finetune",
+    "layer_decay_param_groups",
+    "linear_probe",
     "load",
     "read_original_checkpoint",
 ]

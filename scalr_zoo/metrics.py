@@ -41,7 +41,9 @@ def confusion_matrix(
         predicted, target = predicted[keep], target[keep]
     for name, values in (("predicted", predicted), ("target", target)):
         if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_classes):
-            raise ValueError(f"{name} classes must lie in [0, {num_classes}), got {int(values.min())}..{int(values.max())}")
+            raise ValueError(
+                f"{name} classes must lie in [0, {num_classes}), got {int(values.min())}..{int(values.max())}"
+            )
     flat = target.long() * num_classes + predicted.long()
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 

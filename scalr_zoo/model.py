@@ -226,7 +226,8 @@ class Backbone(nn.Module):
                     for _ in range(2)
                 )
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = _checkpointed(self._layer, (self.spatial_mix[d], self.channel_mix[d]), d, tokens, packed, *keeps)
+                layer_modules = (self.spatial_mix[d], self.channel_mix[d])
+                tokens = _checkpointed(self._layer, layer_modules, d, tokens, packed, *keeps)
             else:
                 tokens = self._layer(d, tokens, packed, *keeps)
         return tokens

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from .extract import _inference, _preprocess_config, _resolve_dtype, as_points_t
 from .labelled_scans import DEFAULT_IGNORE_INDEX, LabelledScan, find_labelled_scans, read_labelled_scan
 from .losses import segmentation_loss
 from .metrics import SegmentationScores, confusion_matrix
-from .model import WaffleIron
+from .model import PackedInput, WaffleIron
 from .preprocess import PreparedCloud, pack_clouds, prepare_cloud
 
 __all__ = [
@@ -277,25 +277,30 @@ def _collate(items: list[_Item]) -> list[_Item]:
 
 
 def _loader(dataset: _ScanDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    """Batches of items; the order depends on ``seed`` only (not on ``num_workers`` nor the global RNG)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=order.tolist() if order is not None else None,
         num_workers=num_workers,
         collate_fn=_collate,
+        # Worker seeds come from this generator, not from the global RNG (drop-path draws stay put).
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def _pack(items: list[_Item], config: PreprocessConfig, device: torch.device):
+def _pack(items: list[_Item], config: PreprocessConfig, device: torch.device) -> tuple[PackedInput, list[int]]:
     packed, offsets = pack_clouds([item.prepared for item in items], config.grids)
     return packed.to(device), offsets
 
 
 def _infer_num_classes(scans: Sequence[LabelledScan], ignore_index: int, label_map: Mapping[int, int] | None) -> int:
     if label_map is not None:
-        return max(int(v) for v in label_map.values() if v != ignore_index) + 1
+        targets = [int(v) for v in label_map.values() if v != ignore_index]
+        if not targets:
+            raise ValueError("label_map sends every raw label to the ignore index; nothing to learn from")
+        return max(targets) + 1
     largest = -1
     for scan in tqdm(scans, desc="reading labels", leave=False, disable=len(scans) < 50):
         _, labels = read_labelled_scan(scan, ignore_index=ignore_index)
@@ -312,7 +317,7 @@ def _infer_num_classes(scans: Sequence[LabelledScan], ignore_index: int, label_m
 # --------------------------------------------------------------------------- training
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
+def _warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float) -> Callable[[int], float]:
     """lr factor of step s: linear warm-up to 1, then cosine decay to ``min_factor`` at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -324,7 +329,7 @@ def _warmup_cosine(warmup_steps: int, total_steps: int, min_factor: float):
     return factor
 
 
-def _forward_logits(model: WaffleIron, packed) -> torch.Tensor:
+def _forward_logits(model: WaffleIron, packed: PackedInput) -> torch.Tensor:
     """Head logits ``(M, K)``; a frozen backbone runs without autograd (its embedding then works in chunks)."""
     if model.backbone_frozen:
         with torch.no_grad():
@@ -536,7 +541,9 @@ def fit(
                 batches.set_postfix(loss=f"{losses[-1]:.3f}")
             log = EpochLog(epoch + 1, float(np.mean(losses)), optimizer.param_groups[-1]["lr"], epoch_scores.miou)
             history.append(log)
-            logger.info("epoch %d/%d: loss %.4f, train mIoU (kept points) %.2f%%", log.epoch, epochs, log.loss, 100 * log.train_miou)
+            logger.info(
+                "epoch %d/%d: loss %.4f, train mIoU (kept points) %.2f%%", log.epoch, epochs, log.loss, 100 * log.train_miou
+            )
     model.eval()
 
     scores = evaluate(

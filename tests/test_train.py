@@ -16,7 +16,7 @@ from scalr_zoo.losses import lovasz_softmax, segmentation_loss
 from scalr_zoo.metrics import SegmentationScores, confusion_matrix, per_class_iou
 from scalr_zoo.model import _drop_path_keep
 from scalr_zoo.preprocess import pack_clouds, prepare_cloud
-from scalr_zoo.train import fit, layer_decay_param_groups
+from scalr_zoo.train import _warmup_cosine, fit, layer_decay_param_groups
 
 from conftest import random_scan
 from labelled_scenes import SCENE_GENERATORS, street_scene
@@ -172,7 +172,8 @@ def test_training_step_lowers_the_loss():
         loss.backward()
         optimizer.step()
     assert float(loss_now().detach()) < 0.9 * initial
-    assert not torch.equal(before["waffleiron.channel_mix.0.mlp.0.weight"], model.state_dict()["waffleiron.channel_mix.0.mlp.0.weight"])
+    key = "waffleiron.channel_mix.0.mlp.0.weight"
+    assert not torch.equal(before[key], model.state_dict()[key])  # the backbone trains too
 
 
 def test_layer_decay_groups_follow_the_recipe():
@@ -206,6 +207,14 @@ def test_layer_decay_groups_follow_the_recipe():
     frozen_groups = layer_decay_param_groups(model, lr=lr, weight_decay=wd, layer_decay=decay)
     assert sum(len(g["params"]) for g in frozen_groups) == len(list(model.classif.parameters()))
     assert {g["lr"] for g in frozen_groups} == {lr}
+
+
+def test_warmup_cosine_schedule():
+    factor = _warmup_cosine(warmup_steps=4, total_steps=14, min_factor=0.1)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert factor(14) == pytest.approx(0.1) and factor(20) == pytest.approx(0.1)
+    assert all(factor(s) > factor(s + 1) for s in range(4, 13))
 
 
 def test_drop_path_only_in_training():
@@ -358,21 +367,21 @@ def test_linear_probe_learns(tmp_path, scene):
 
 
 def test_finetune_is_seeded_and_trains_everything(tmp_path):
-    write_scenes(tmp_path / "train", street_scene, range(2), num_points=3000)
+    write_scenes(tmp_path / "train", street_scene, range(3), num_points=3000)
     runs = []
-    for _ in range(2):
+    for num_workers in (0, 2):  # the second run reads and preprocesses in 2 worker processes
         model = small_model(depth=2, seed=3)
         before = backbone_state(model)
         result = fit(
             model, tmp_path / "train", mode="finetune", epochs=2, batch_size=2, lr=1e-2,
-            grad_checkpointing=True, fov=SMALL_FOV, progress=False, seed=7,
+            grad_checkpointing=True, fov=SMALL_FOV, num_workers=num_workers, progress=False, seed=7,
         )  # fmt: skip
         runs.append((model.state_dict(), result))
     (state_a, result_a), (state_b, result_b) = runs
     assert result_a.evaluated_on == "train" and len(result_a.history) == 2
     assert model.drop_path_rates == [0.2, 0.2]  # the recipe's uniform drop-path
     assert model.config.arch.out == 5  # inferred from the labels
-    # Same seed, same shuffles, augmentations and drop-path draws: bit-identical on CPU.
+    # Same seed, same shuffles, augmentations and drop-path draws, whatever the workers: bit-identical on CPU.
     assert result_a.to_dict() == result_b.to_dict()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
