@@ -18,9 +18,11 @@ from .extract import extract
 from .hub import IntegrityError, NotCachedError, SourceNotFoundError, download
 from .io import read_point_cloud, read_points
 from .loading import create_model, load
+from .metrics import SegmentationScores
 from .model import PackedInput, WaffleIron
 from .registry import PretrainedEntry, UnknownModelError, list_models, model_info
 from .segment import Segmentation, segment
+from .train import TrainResult, finetune, layer_decay_param_groups, linear_probe
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,8 @@ __all__ = [
     "SourceNotFoundError",
     "UnknownModelError",
     "UnsafeArchiveError",
+    "SegmentationScores",
+    "TrainResult",
     "WaffleIron",
     "__version__",
     "convert_archive",
@@ -48,6 +52,9 @@ __all__ = [
     "extract",
     "io",
     "list_models",
+    "finetune",
+    "layer_decay_param_groups",
+    "linear_probe",
     "load",
     "model_info",
     "read_original_checkpoint",

@@ -9,18 +9,27 @@ the embedding are global row indices into the packed tensor.
 Parameter names and shapes are those of the original checkpoints once the
 ``module.`` prefix is stripped (``embed.*``, ``waffleiron.*``, ``classif.*``),
 so an original state dict loads strictly.
+
+Training switches (none of them adds state-dict keys): drop-path
+(:meth:`WaffleIron.set_drop_path`), gradient checkpointing
+(:meth:`WaffleIron.set_grad_checkpointing`), a fresh class head
+(:meth:`WaffleIron.reset_head`) and a frozen backbone for linear probing
+(:meth:`WaffleIron.freeze_backbone`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ArchConfig, ModelConfig
 
@@ -124,7 +133,9 @@ class Embedding(nn.Module):
     def _neighbor_term_rows(self, x: torch.Tensor, nbr: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Max over neighbours of the MLP of ``x[nbr] - x`` for points ``start:stop`` -> (stop-start, C)."""
         rows = nbr[start:stop]
-        diff = (x[rows] - x[start:stop].unsqueeze(1)).reshape(rows.numel(), -1)
+        # index_select rather than x[rows]: its backward (index_add_) is reproducible on CPU.
+        gathered = x.index_select(0, rows.reshape(-1)).view(rows.shape[0], rows.shape[1], -1)
+        diff = (gathered - x[start:stop].unsqueeze(1)).reshape(rows.numel(), -1)
         bn_in, conv_a, bn_mid, relu, conv_b = self.conv2
         h = _pointwise(conv_b, relu(bn_mid(_pointwise(conv_a, bn_in(diff)))))
         return h.view(rows.shape[0], rows.shape[1], -1).amax(dim=1)
@@ -139,9 +150,11 @@ class ChannelMix(nn.Module):
         self.mlp = nn.Sequential(nn.Conv1d(width, width, 1), _activation(act), nn.Conv1d(width, width, 1))
         self.scale = nn.Conv1d(width, width, 1, groups=width, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: optional ``(M, 1)`` drop-path factor of the residual branch (0 or 1/(1-rate))."""
         hidden = self.mlp[1](_pointwise(self.mlp[0], self.norm(tokens)))
-        return tokens + _pointwise(self.mlp[2], hidden) * self.scale.weight.view(-1)
+        branch = _pointwise(self.mlp[2], hidden) * self.scale.weight.view(-1)
+        return tokens + (branch if keep is None else branch * keep)
 
 
 class SpatialMix(nn.Module):
@@ -161,7 +174,15 @@ class SpatialMix(nn.Module):
         )
         self.scale = nn.Conv1d(width, width, 1, groups=width, bias=False)
 
-    def forward(self, tokens: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int], num_clouds: int) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cells: torch.Tensor,
+        grid: tuple[int, int],
+        num_clouds: int,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``keep``: optional ``(M, 1)`` drop-path factor of the residual branch (0 or 1/(1-rate))."""
         y = self.norm(tokens)
         rows, cols = grid
         num_cells = num_clouds * rows * cols
@@ -170,12 +191,19 @@ class SpatialMix(nn.Module):
         counts = torch.bincount(cells, minlength=num_cells).clamp_(min=1).to(y.dtype)
         image = (sums / counts.unsqueeze(1)).view(num_clouds, rows, cols, width).permute(0, 3, 1, 2)
         image = self.ffn(image)
-        read_back = image.permute(0, 2, 3, 1).reshape(num_cells, width)[cells]
-        return tokens + read_back * self.scale.weight.view(-1)
+        branch = image.permute(0, 2, 3, 1).reshape(num_cells, width).index_select(0, cells) * self.scale.weight.view(-1)
+        return tokens + (branch if keep is None else branch * keep)
 
 
 class Backbone(nn.Module):
-    """L layers, each a spatial mix along projection ``dim_proj[d % P]`` then a channel mix."""
+    """L layers, each a spatial mix along projection ``dim_proj[d % P]`` then a channel mix.
+
+    Attributes:
+        drop_path_rates: drop-path rate of the residual branches of layer d
+            (training mode only); all 0 by default.
+        grad_checkpointing: recompute each layer in the backward pass instead
+            of keeping its activations (training with gradients only).
+    """
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
@@ -183,14 +211,85 @@ class Backbone(nn.Module):
         args = (arch.width, arch.norm, arch.act, arch.layer_norm_eps)
         self.channel_mix = nn.ModuleList([ChannelMix(*args) for _ in range(arch.depth)])
         self.spatial_mix = nn.ModuleList([SpatialMix(*args) for _ in range(arch.depth)])
+        self.drop_path_rates: list[float] = [0.0] * arch.depth
+        self.grad_checkpointing = False
 
     def forward(self, tokens: torch.Tensor, packed: PackedInput) -> torch.Tensor:
-        planes = len(self.dim_proj)
-        for d, (spatial, channel) in enumerate(zip(self.spatial_mix, self.channel_mix)):
-            plane = d % planes
-            tokens = spatial(tokens, packed.cell_index[plane], packed.grids[plane], packed.num_clouds)
-            tokens = channel(tokens)
+        cloud_of_row = None
+        if self.training and any(self.drop_path_rates):
+            # Plane 0 cells are offset by cloud * rows * cols: the cloud of each row.
+            rows, cols = packed.grids[0]
+            cloud_of_row = packed.cell_index[0] // (rows * cols)
+        for d in range(len(self.spatial_mix)):
+            keeps = (None, None)
+            if cloud_of_row is not None and self.drop_path_rates[d] > 0:
+                keeps = tuple(
+                    _drop_path_keep(self.drop_path_rates[d], cloud_of_row, packed.num_clouds, tokens.dtype)
+                    for _ in range(2)
+                )
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                layer_modules = (self.spatial_mix[d], self.channel_mix[d])
+                tokens = _checkpointed(self._layer, layer_modules, d, tokens, packed, *keeps)
+            else:
+                tokens = self._layer(d, tokens, packed, *keeps)
         return tokens
+
+    def _layer(
+        self,
+        d: int,
+        tokens: torch.Tensor,
+        packed: PackedInput,
+        spatial_keep: torch.Tensor | None,
+        channel_keep: torch.Tensor | None,
+    ) -> torch.Tensor:
+        plane = d % len(self.dim_proj)
+        tokens = self.spatial_mix[d](
+            tokens, packed.cell_index[plane], packed.grids[plane], packed.num_clouds, spatial_keep
+        )
+        return self.channel_mix[d](tokens, channel_keep)
+
+
+def _drop_path_keep(rate: float, cloud_of_row: torch.Tensor, num_clouds: int, dtype: torch.dtype) -> torch.Tensor:
+    """Stochastic depth factor ``(M, 1)``: per cloud, 0 with probability ``rate``, else ``1/(1-rate)``."""
+    keep_prob = 1.0 - rate
+    per_cloud = torch.empty(num_clouds, device=cloud_of_row.device, dtype=dtype).bernoulli_(keep_prob)
+    return (per_cloud / keep_prob)[cloud_of_row].unsqueeze(1)
+
+
+@contextlib.contextmanager
+def _batchnorm_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """BatchNorms run as usual (batch statistics in training) but their running statistics stay put.
+
+    Momentum 0 keeps the running mean and variance (the op and its saved
+    tensors are the same as in the first forward pass, which checkpointing
+    requires); the batch counter is restored on exit.
+    """
+    norms = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _checkpointed(function: Any, modules: Sequence[nn.Module], *args: Any) -> torch.Tensor:
+    """``function(*args)`` under non-reentrant activation checkpointing.
+
+    The recomputation in the backward pass leaves the BatchNorm running
+    statistics of ``modules`` alone, so they are updated once per step as
+    without checkpointing.
+    """
+    return checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _batchnorm_stats_frozen(modules)),
+    )
 
 
 def build_head(arch: ArchConfig) -> nn.Module | None:
@@ -236,6 +335,7 @@ class WaffleIron(nn.Module, PyTorchModelHubMixin):
         head = build_head(arch)
         if head is not None:
             self.classif = head
+        self._backbone_frozen = False
 
     @property
     def has_head(self) -> bool:
@@ -254,7 +354,10 @@ class WaffleIron(nn.Module, PyTorchModelHubMixin):
 
     def forward_backbone(self, packed: PackedInput) -> torch.Tensor:
         """Backbone tokens ``(M, C)`` of packed kept points."""
-        tokens = self.embed(packed.features, packed.neighbors)
+        if self.waffleiron.grad_checkpointing and torch.is_grad_enabled():
+            tokens = _checkpointed(self.embed, (self.embed,), packed.features, packed.neighbors)
+        else:
+            tokens = self.embed(packed.features, packed.neighbors)
         return self.waffleiron(tokens, packed)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -269,6 +372,110 @@ class WaffleIron(nn.Module, PyTorchModelHubMixin):
         """``(M, C)`` backbone tokens, or ``(M, out)`` head outputs with ``head=True``."""
         tokens = self.forward_backbone(packed)
         return self.forward_head(tokens) if head else tokens
+
+    # ----------------------------------------------------------------- training
+
+    def set_drop_path(self, rate: float, schedule: str = "linear") -> None:
+        """Stochastic depth on the residual branches of every spatial and channel mix.
+
+        In training mode each branch of layer d is dropped for a whole cloud
+        with probability ``rate_d`` (and scaled by ``1/(1-rate_d)`` when
+        kept); eval mode never drops. No state-dict key is added.
+
+        Args:
+            rate: the largest rate, in ``[0, 1)``; 0 switches drop-path off.
+            schedule: ``"linear"`` (``rate * d / (L-1)``: 0 at the first layer,
+                ``rate`` at the last, as timm does) or ``"uniform"`` (``rate``
+                everywhere, as the original ScaLR fine-tuning recipe does).
+        """
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop-path rate must be in [0, 1), got {rate}")
+        depth = len(self.waffleiron.spatial_mix)
+        if schedule == "linear":
+            rates = [rate * d / (depth - 1) if depth > 1 else rate for d in range(depth)]
+        elif schedule == "uniform":
+            rates = [rate] * depth
+        else:
+            raise ValueError(f"drop-path schedule must be 'linear' or 'uniform', got {schedule!r}")
+        self.waffleiron.drop_path_rates = [float(r) for r in rates]
+
+    @property
+    def drop_path_rates(self) -> list[float]:
+        """Drop-path rate of each backbone layer."""
+        return list(self.waffleiron.drop_path_rates)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the embedding and each backbone layer in the backward pass.
+
+        Uses ``torch.utils.checkpoint`` (non-reentrant) per layer; activations
+        memory drops from O(L) layers to about one. Gradients are unchanged,
+        and BatchNorm running statistics are updated once per step as without
+        checkpointing. Only active while gradients are enabled.
+        """
+        self.waffleiron.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether gradient checkpointing is on."""
+        return self.waffleiron.grad_checkpointing
+
+    def reset_head(self, num_classes: int, classes: Sequence[str] | None = None) -> None:
+        """Replace the head by a fresh class head: BatchNorm1d(C) then Conv1d(C, num_classes).
+
+        This is the ``"bn_linear"`` head of the original downstream recipe,
+        initialised as it does: default BatchNorm, zero convolution weight and
+        bias (all logits start at 0). ``config`` follows (head, out, classes).
+
+        Args:
+            num_classes: K, output channels.
+            classes: K class names in output order (optional).
+        """
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"{len(classes)} class names given for num_classes={num_classes}")
+        width = self.num_features
+        reference = next(self.parameters())
+        head = nn.Sequential(nn.BatchNorm1d(width), nn.Conv1d(width, num_classes, 1))
+        nn.init.zeros_(head[1].weight)
+        nn.init.zeros_(head[1].bias)
+        self.classif = head.to(device=reference.device, dtype=reference.dtype).train(self.training)
+        arch = dataclasses.replace(self.config.arch, head="bn_linear", out=num_classes, hidden=None)
+        self.config = dataclasses.replace(
+            self.config, arch=arch, classes=tuple(classes) if classes is not None else None
+        )
+
+    def freeze_backbone(self) -> None:
+        """Freeze the embedding and the backbone for linear probing.
+
+        Their parameters stop requiring gradients and they stay in eval mode
+        (BatchNorm running statistics untouched, no drop-path) even after
+        ``model.train()``; only the head trains.
+        """
+        for part in (self.embed, self.waffleiron):
+            part.requires_grad_(False)
+            part.eval()
+        self._backbone_frozen = True
+
+    def unfreeze_backbone(self) -> None:
+        """Undo :meth:`freeze_backbone`: every parameter trains and follows ``model.train()``."""
+        for part in (self.embed, self.waffleiron):
+            part.requires_grad_(True)
+        self._backbone_frozen = False
+        self.train(self.training)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether :meth:`freeze_backbone` is in effect."""
+        return self._backbone_frozen
+
+    def train(self, mode: bool = True) -> "WaffleIron":
+        """Set training mode; a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self._backbone_frozen:
+            self.embed.eval()
+            self.waffleiron.eval()
+        return self
 
     def extract(
         self,
