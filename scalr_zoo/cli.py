@@ -262,6 +262,49 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_dataset(args: argparse.Namespace) -> int:
+    from .dataset import distributed_context, extract_dataset
+
+    context = distributed_context(args.device)
+    try:
+        args.device = str(context.device)
+        model = _load_model(args)
+        result = extract_dataset(
+            model, args.input_dir, args.output, model_name=args.model, batch_size=args.batch_size,
+            num_workers=args.num_workers, sensor=_parse_sensor(args.sensor),
+            dtype=None if args.dtype == "float32" else args.dtype, head=args.head, context=context,
+        )
+    finally:
+        context.close()
+    if context.rank == 0:
+        print(f"{len(result.written)} written, {len(result.skipped)} already there (rank 0); index: {result.index}")
+    if result.failed:
+        raise CommandError(f"{len(result.failed)} scans failed, e.g. {next(iter(result.failed.items()))}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import fit
+
+    model = _load_model(args)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    result = fit(
+        model, args.train_dir, mode=args.mode, val_dir=args.val_dir, classes=classes, num_classes=args.num_classes,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, lovasz_weight=args.lovasz_weight,
+        sensor=_parse_sensor(args.sensor), dtype=None if args.dtype == "float32" else args.dtype,
+        num_workers=args.num_workers, seed=args.seed,
+    )
+    output = Path(args.output)
+    model.save_pretrained(output)
+    from .io import atomic_write
+
+    with atomic_write(output / "metrics.json", "w") as handle:
+        json.dump(result.to_dict(), handle, indent=2)
+    print(result.scores.table())
+    print(f"mIoU {result.miou:.4f} on {result.evaluated_on}; model saved to {output}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------
 
 
@@ -323,6 +366,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--all", action="store_true", help="every registered archive, into OUTPUT/NAME/")
     sub.add_argument("--overwrite", action="store_true", help="replace existing folders")
     sub.add_argument("--local-files-only", action="store_true", help="with --all: only archives already cached")
+
+    sub = command("extract-dataset", cmd_extract_dataset,
+                  "features of every scan below a folder, one STEM.npy each (resumable; scales out with torchrun)")
+    sub.add_argument("input_dir", metavar="INPUT_DIR")
+    sub.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    sub.add_argument("--batch-size", type=int, default=4, help="scans per forward pass")
+    sub.add_argument("--num-workers", type=int, default=2, help="DataLoader workers reading and preprocessing")
+    sub.add_argument("--head", action="store_true", help="head outputs instead of backbone features")
+    _add_model_options(sub)
+
+    sub = command("finetune", cmd_finetune,
+                  "linear-probe or fine-tune on a folder of labelled scans; report per-class IoU and mIoU")
+    sub.add_argument("train_dir", metavar="TRAIN_DIR", help="STEM.npz (points, labels) or .bin + .label files")
+    sub.add_argument("-o", "--output", required=True, help="folder for the trained model (save_pretrained)")
+    sub.add_argument("--val-dir", help="labelled scans to score on (default: the training scans)")
+    sub.add_argument("--mode", choices=("linear_probe", "finetune"), default="linear_probe")
+    sub.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    sub.add_argument("--num-classes", type=int)
+    sub.add_argument("--epochs", type=int)
+    sub.add_argument("--lr", type=float)
+    sub.add_argument("--batch-size", type=int)
+    sub.add_argument("--lovasz-weight", type=float, help="weight of the Lovasz-softmax loss (0: cross-entropy only)")
+    sub.add_argument("--num-workers", type=int, default=0)
+    sub.add_argument("--seed", type=int, default=0)
+    _add_model_options(sub)
 
     sub = command("push", cmd_push, "upload a model folder to the Hugging Face Hub")
     sub.add_argument("source", help="model folder (save_pretrained) or registry name")

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import PreprocessConfig, resolve_intensity_stats
-from .model import WaffleIron
-from .preprocess import pack_clouds, prepare_cloud
+from .model import PackedInput, WaffleIron
+from .preprocess import PreparedCloud, pack_clouds, prepare_cloud
 
-__all__ = ["extract", "as_points_tensor"]
+__all__ = ["extract", "as_points_tensor", "PreparedPoints", "prepare_points", "run_prepared"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,93 @@ def _finite_rows(points: torch.Tensor, name: str, drop_nonfinite: bool) -> torch
     return finite
 
 
+@dataclass
+class PreparedPoints:
+    """One raw cloud, checked and preprocessed, ready to be packed.
+
+    Attributes:
+        cloud: the preprocessed finite points.
+        finite: ``(N,)`` bool mask of the finite input rows, or None when all are.
+        num_points: N, rows of the raw input.
+    """
+
+    cloud: PreparedCloud
+    finite: torch.Tensor | None
+    num_points: int
+
+    def to(self, device: torch.device | str) -> "PreparedPoints":
+        """A copy with every tensor on ``device``."""
+        return PreparedPoints(
+            self.cloud.to(device), None if self.finite is None else self.finite.to(device), self.num_points
+        )
+
+
+def prepare_points(
+    points: PointsLike,
+    config: PreprocessConfig,
+    dim_proj: Sequence[int],
+    *,
+    name: str,
+    device: torch.device,
+    drop_nonfinite: bool = False,
+    knn_backend: str = "auto",
+) -> PreparedPoints:
+    """Check one raw ``(N, >=4)`` cloud and preprocess it on ``device``.
+
+    Raises:
+        ValueError: naming ``name`` and the problem (see :func:`extract`).
+    """
+    tensor = as_points_tensor(points, device, name)
+    finite = _finite_rows(tensor, name, drop_nonfinite)
+    usable = tensor if finite is None else tensor[finite]
+    if usable.shape[0] == 0:
+        raise ValueError(f"{name} has no finite point left")
+    try:
+        cloud = prepare_cloud(usable, config, dim_proj, knn_backend)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return PreparedPoints(cloud, finite, tensor.shape[0])
+
+
+def forward_packed(
+    model: WaffleIron, packed: PackedInput, *, head: bool, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Network outputs ``(M, C)`` (or ``(M, out)``) float32 of packed kept points."""
+    autocast = (
+        torch.autocast(packed.features.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        result = model(packed, head=head)
+    return result.float()
+
+
+def run_prepared(
+    model: WaffleIron,
+    prepared: Sequence[PreparedPoints],
+    grids: Sequence[Sequence[int]],
+    *,
+    head: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run prepared clouds as one packed batch; per cloud, ``(N, C)`` rows for every
+    input point (NaN for dropped ones) and the ``(N,)`` FOV mask. Call under no_grad."""
+    packed, offsets = pack_clouds([p.cloud for p in prepared], grids)
+    result = forward_packed(model, packed, head=head, autocast_dtype=autocast_dtype)
+    per_cloud = []
+    for item, offset in zip(prepared, offsets):
+        rows = result[offset + item.cloud.upsample]
+        mask = item.cloud.fov_mask
+        if item.finite is not None:
+            full = rows.new_full((item.num_points, rows.shape[1]), float("nan"))
+            full[item.finite] = rows
+            rows = full
+            mask = torch.zeros(item.num_points, dtype=torch.bool, device=rows.device).masked_scatter_(item.finite, mask)
+        per_cloud.append((rows, mask))
+    return per_cloud
+
+
 def extract(
     model: WaffleIron,
     points: PointsLike | Sequence[PointsLike],
@@ -196,37 +284,14 @@ def extract(
     masks: list[torch.Tensor] = []
     with _inference(model):
         for start in range(0, len(clouds), batch_size):
-            prepared, finite_masks, sizes = [], [], []
-            for i in range(start, min(start + batch_size, len(clouds))):
-                name = "points" if single else f"points[{i}]"
-                tensor = as_points_tensor(clouds[i], device, name)
-                finite = _finite_rows(tensor, name, drop_nonfinite)
-                usable = tensor if finite is None else tensor[finite]
-                if usable.shape[0] == 0:
-                    raise ValueError(f"{name} has no finite point left")
-                try:
-                    prepared.append(prepare_cloud(usable, config, dim_proj, knn_backend))
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
-                finite_masks.append(finite)
-                sizes.append(tensor.shape[0])
-            packed, offsets = pack_clouds(prepared, config.grids)
-            autocast = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                result = model(packed, head=head)
-            result = result.float()
-            for cloud, finite, n, off in zip(prepared, finite_masks, sizes, offsets):
-                rows = result[off + cloud.upsample]
-                mask = cloud.fov_mask
-                if finite is not None:
-                    full = rows.new_full((n, rows.shape[1]), float("nan"))
-                    full[finite] = rows
-                    rows = full
-                    mask = torch.zeros(n, dtype=torch.bool, device=device).masked_scatter_(finite, mask)
+            prepared = [
+                prepare_points(
+                    clouds[i], config, dim_proj, name="points" if single else f"points[{i}]", device=device,
+                    drop_nonfinite=drop_nonfinite, knn_backend=knn_backend,
+                )
+                for i in range(start, min(start + batch_size, len(clouds)))
+            ]
+            for rows, mask in run_prepared(model, prepared, config.grids, head=head, autocast_dtype=autocast_dtype):
                 outputs.append(rows)
                 masks.append(mask)
     if single:

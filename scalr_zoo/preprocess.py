@@ -16,6 +16,7 @@ Steps for one cloud of N points:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,6 +66,10 @@ class PreparedCloud:
     @property
     def num_kept(self) -> int:
         return int(self.kept_index.shape[0])
+
+    def to(self, device: torch.device | str) -> "PreparedCloud":
+        """A copy with every tensor on ``device``."""
+        return PreparedCloud(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def point_features(points: torch.Tensor, mean: float, std: float) -> torch.Tensor:

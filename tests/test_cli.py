@@ -22,7 +22,7 @@ NUSCENES_CLASSES = (
     "barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian", "traffic_cone",
     "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain", "manmade", "vegetation",
 )
-COMMANDS = ("list", "info", "download", "extract", "segment", "viz", "convert", "push")
+COMMANDS = ("list", "info", "download", "extract", "segment", "viz", "convert", "push", "extract-dataset", "finetune")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -191,3 +191,27 @@ def test_convert_checkpoint(tmp_path):
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert_one_line_error(run_cli("convert", str(case.checkpoint), "-o", str(tmp_path / "o2")), "--config")
+
+
+def test_finetune_linear_probe(tmp_path):
+    data = tmp_path / "train"
+    data.mkdir()
+    for seed in (0, 1):
+        scan = scalr_zoo.sample_scan(seed)
+        near = np.linalg.norm(scan.points[:, :2], axis=1) < 20
+        np.savez(data / f"scan{seed}.npz", points=scan.points[near], labels=scan.labels[near])
+    start = tmp_path / "start"
+    scalr_zoo.create_model({"width": 32, "depth": 2, "sensor": "semantickitti"}).save_pretrained(start)
+    names = ",".join(scalr_zoo.sample_scan(0).label_names)
+    out = tmp_path / "probe"
+    result = run_cli("finetune", str(data), "--model", str(start), "-o", str(out), "--epochs", "1", "--classes", names)
+    assert result.returncode == 0, result.stderr
+    assert "mIoU" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "linear_probe"
+    trained = scalr_zoo.load(out, device="cpu")
+    assert trained.config.classes == tuple(names.split(","))
+    before = scalr_zoo.load(start, device="cpu").state_dict()
+    after = trained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("classif"))
+    assert_one_line_error(run_cli("finetune", str(tmp_path / "none"), "--model", str(start), "-o", str(out)), "none")
