@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .io import scan_stem
+
 __all__ = ["main"]
 
 logger = logging.getLogger("scalr_zoo.cli")
@@ -83,15 +85,7 @@ def _output_paths(inputs: Sequence[Path], output: Path, suffix_choices: Sequence
     if output.suffix in suffix_choices:
         raise CommandError(f"{len(inputs)} inputs need an output directory, not the file {output}")
     output.mkdir(parents=True, exist_ok=True)
-    return [output / (_stem(path) + default_suffix) for path in inputs]
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".pcd.bin", ".bin", ".pcd", ".ply", ".las", ".laz", ".npy", ".npz"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return [output / (scan_stem(path) + default_suffix) for path in inputs]
 
 
 def _progress(items: Sequence[Any], desc: str):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import PreprocessConfig
 from .extract import PreparedPoints, _inference, _preprocess_config, _resolve_dtype, prepare_points, run_prepared
-from .io import atomic_write, read_points
+from .io import SCAN_SUFFIXES, atomic_write, read_points, scan_stem
 from .model import WaffleIron
 
 __all__ = ["DatasetExtraction", "extract_dataset", "list_scans", "distributed_context", "INDEX_NAME"]
@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: Name of the index file written at the root of the output folder.
 INDEX_NAME = "index.json"
-#: File endings taken as scans (``.pcd.bin`` is covered by ``.bin``).
-SCAN_SUFFIXES = (".bin", ".pcd", ".ply", ".las", ".laz", ".npy", ".npz")
 
 
 def list_scans(input_dir: str | os.PathLike, suffixes: Sequence[str] = SCAN_SUFFIXES) -> list[Path]:
@@ -50,18 +48,10 @@ def list_scans(input_dir: str | os.PathLike, suffixes: Sequence[str] = SCAN_SUFF
     return sorted(scans, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".pcd.bin", *SCAN_SUFFIXES):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def output_path(input_dir: Path, output_dir: Path, scan: Path) -> Path:
     """``OUT/<folder of the scan relative to IN>/STEM.npy``."""
     relative = scan.relative_to(input_dir)
-    return output_dir / relative.parent / f"{_stem(scan)}.npy"
+    return output_dir / relative.parent / f"{scan_stem(scan)}.npy"
 
 
 def config_hash(model: WaffleIron, preprocess: PreprocessConfig, head: bool, dtype: Any) -> str:

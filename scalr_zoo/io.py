@@ -46,6 +46,8 @@ import numpy as np
 
 __all__ = [
     "FORMATS",
+    "SCAN_SUFFIXES",
+    "scan_stem",
     "INTENSITY_FIELDS",
     "PointCloud",
     "read_point_cloud",
@@ -96,6 +98,19 @@ class PointCloud:
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
+
+
+#: File endings of scans, longest first (``.pcd.bin`` before ``.bin``).
+SCAN_SUFFIXES = (".pcd.bin", ".bin", ".pcd", ".ply", ".las", ".laz", ".npy", ".npz")
+
+
+def scan_stem(path: PathLike) -> str:
+    """The file name without its scan ending: ``000042.pcd.bin`` -> ``000042``."""
+    name = Path(path).name
+    for suffix in SCAN_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
 
 
 def detect_format(path: PathLike) -> str:
