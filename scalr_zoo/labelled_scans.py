@@ -28,6 +28,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .io import read_points
+
 __all__ = ["LabelledScan", "find_labelled_scans", "read_labelled_scan", "DEFAULT_IGNORE_INDEX"]
 
 #: Label of unlabelled / ignored points (the original ScaLR recipe's value).
@@ -123,10 +125,7 @@ def read_labelled_scan(
         except (OSError, EOFError) as exc:
             raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
     else:
-        raw = np.fromfile(path, dtype=np.float32)
-        if raw.size % 4:
-            raise ValueError(f"{path}: {raw.size} float32 values, not a multiple of 4 (x, y, z, intensity)")
-        points = raw.reshape(-1, 4)
+        points = read_points(path, format="kitti")
         labels = (np.fromfile(scan.labels, dtype=np.uint32) & 0xFFFF).astype(np.int64)
     if points.ndim != 2 or points.shape[1] < 4 or points.dtype.kind not in "fiu":
         raise ValueError(f"{path}: points must be a real (N, 4+) array, got {points.dtype} {points.shape}")
