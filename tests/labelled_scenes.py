@@ -89,3 +89,22 @@ def street_scene(seed: int, num_points: int = 12000) -> tuple[np.ndarray, np.nda
 
 #: Labelled scene generators the training tests run on: ``generator(seed) -> (points, labels)``.
 SCENE_GENERATORS = {"street_scene": (street_scene, STREET_CLASSES)}
+
+
+def sample_street(seed: int, num_points: int = 8000) -> tuple[np.ndarray, np.ndarray]:
+    """The package's own ray-cast sample scan (32-beam lidar), ``num_points`` of it within 30 m."""
+    import scalr_zoo
+
+    scan = scalr_zoo.sample_scan(seed)
+    near = np.flatnonzero(np.linalg.norm(scan.points[:, :2], axis=1) < 30)
+    keep = np.sort(np.random.default_rng(seed).choice(near, size=min(num_points, len(near)), replace=False))
+    return scan.points[keep], scan.labels[keep]
+
+
+def _sample_scan_classes() -> tuple[str, ...]:
+    import scalr_zoo
+
+    return scalr_zoo.sample_scan(0).label_names
+
+
+SCENE_GENERATORS["sample_scan"] = (sample_street, _sample_scan_classes())
