@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import PreprocessConfig, resolve_intensity_stats
+from .fast import fast_engine
 from .model import WaffleIron
 from .preprocess import pack_clouds, prepare_cloud
 
@@ -142,6 +143,7 @@ def extract(
     return_fov_mask: bool = False,
     batch_size: int | None = None,
     knn_backend: str = "auto",
+    impl: str = "fast",
 ) -> torch.Tensor | list[torch.Tensor] | tuple:
     """Features of every input point of one cloud or a list of clouds.
 
@@ -166,6 +168,10 @@ def extract(
             kept point).
         batch_size: clouds per forward pass for a list (default: all at once).
         knn_backend: ``"auto"``, ``"scipy"`` or ``"torch"``.
+        impl: ``"fast"`` (default) runs the folded, sparse inference engine
+            of :mod:`scalr_zoo.fast`; ``"reference"`` runs the model's own
+            forward, which follows the spec literally (dense grids). Both
+            give the same features up to float rounding.
 
     Returns:
         A float32 ``(N, C)`` (or ``(N, out)``) tensor on the model's device,
@@ -186,6 +192,8 @@ def extract(
         raise ValueError("points is an empty list; give at least one cloud")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if impl not in ("fast", "reference"):
+        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     batch_size = batch_size or len(clouds)
     autocast_dtype = _resolve_dtype(dtype)
     config = _preprocess_config(model, sensor, fov, grids)
@@ -211,14 +219,17 @@ def extract(
                 finite_masks.append(finite)
                 sizes.append(tensor.shape[0])
             packed, offsets = pack_clouds(prepared, config.grids)
-            autocast = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                result = model(packed, head=head)
-            result = result.float()
+            if impl == "fast":
+                result = fast_engine(model, autocast_dtype)(packed, head=head)
+            else:
+                autocast = (
+                    torch.autocast(device.type, dtype=autocast_dtype)
+                    if autocast_dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with autocast:
+                    result = model(packed, head=head)
+                result = result.float()
             for cloud, finite, n, off in zip(prepared, finite_masks, sizes, offsets):
                 rows = result[off + cloud.upsample]
                 mask = cloud.fov_mask
