@@ -321,16 +321,21 @@ class _Workspace:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A ``shape`` view of buffer ``name``, grown when too small (contents are not kept)."""
+        """A ``shape`` view of buffer ``(name, dtype)``, grown when too small (contents are not kept)."""
         numel = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[name] = buf
+            self._buffers[(name, dtype)] = buf
         return buf[:numel].view(shape)
+
+    def release(self, *names: str) -> None:
+        """Drop the buffers called ``names`` (any dtype)."""
+        for key in [k for k in self._buffers if k[0] in names]:
+            del self._buffers[key]
 
 
 def _activation_(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -381,6 +386,18 @@ class FastWaffleIron:
     def has_head(self) -> bool:
         return self.head is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the folded weights."""
+        tensors: list[torch.Tensor] = []
+        for part in [self.embed, *self.spatial, *self.channel, *(self.head or [])]:
+            if isinstance(part, str):
+                continue
+            for value in vars(part).values():
+                values = vars(value).values() if isinstance(value, _Linear) else [value]
+                tensors += [v for v in values if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # ------------------------------------------------------------------ forward
 
     def __call__(self, packed: PackedInput, head: bool = False) -> torch.Tensor:
@@ -422,6 +439,7 @@ class FastWaffleIron:
             mapped = work.get("pair_out", (rows, width), self.dtype)
             torch.mm(pair, fold.pair_out.t(), out=mapped)
             torch.amax(mapped.view(stop - start, k, width), dim=1, out=pooled[start:stop])
+        work.release("pair", "pair_out")
         self._add_product(tokens, pooled, fold.final, None, work)
         return tokens
 
@@ -476,7 +494,7 @@ class FastWaffleIron:
         """``tokens += s * conv2(act(conv1(cell means of norm(tokens))))`` read at each point's cell, in place."""
         m, width = tokens.shape
         occ, dil = cells.num_occupied, cells.num_dilated
-        source = self._normalize(tokens, work.get("normalized32", (m, width), torch.float32)) if fold.layernorm else tokens
+        source = self._normalize(tokens, work.get("normalized", (m, width), torch.float32)) if fold.layernorm else tokens
         # cell means (the norm affine commutes with the mean over a cell's points)
         means = work.get("means", (occ + 1, width), torch.float32)
         if cells.mean_matrix is not None:
@@ -502,7 +520,8 @@ class FastWaffleIron:
         if cells.read_matrix is not None:
             tokens.addmm_(cells.read_matrix, out)
         else:
-            tokens.add_(torch.index_select(out, 0, cells.inverse, out=work.get("gathered", (m, width), torch.float32)))
+            gathered = work.get("normalized", (m, width), torch.float32)  # free again: the means are taken
+            tokens.add_(torch.index_select(out, 0, cells.inverse, out=gathered))
 
     @staticmethod
     def _taps(
