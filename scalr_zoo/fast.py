@@ -548,36 +548,79 @@ class FastWaffleIron:
 
 # --------------------------------------------------------------------------- cache
 
-_CACHE: "weakref.WeakKeyDictionary[WaffleIron, dict[object, tuple[tuple, FastWaffleIron]]]" = weakref.WeakKeyDictionary()
+#: Bumped whenever any module anywhere gets a parameter, buffer or submodule
+#: assigned, so that a cached engine re-checks its model's full structure.
+_structure_epoch = 0
+
+
+def _bump_structure_epoch(*_args: object) -> None:
+    global _structure_epoch
+    _structure_epoch += 1
+
+
+_module_hooks = torch.nn.modules.module
+_module_hooks.register_module_parameter_registration_hook(_bump_structure_epoch)
+_module_hooks.register_module_buffer_registration_hook(_bump_structure_epoch)
+_module_hooks.register_module_module_registration_hook(_bump_structure_epoch)
+
+
+@dataclass
+class _CacheEntry:
+    """An engine and the state of the weights it was folded from."""
+
+    engine: FastWaffleIron
+    epoch: int
+    tensors: list[torch.Tensor]
+    versions: list[tuple[int, int]]
+    signature: tuple
+
+    def still_valid(self) -> bool:
+        """Cheap check: no assignment anywhere since, and every tensor unchanged in place."""
+        return self.epoch == _structure_epoch and self.versions == _versions(self.tensors)
+
+
+_CACHE: "weakref.WeakKeyDictionary[WaffleIron, dict[object, _CacheEntry]]" = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
 
 
-def _weights_signature(model: WaffleIron) -> tuple:
-    """Identity and version of every parameter and buffer: changes whenever any weight changes."""
-    return tuple(
-        (name, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
-        for name, t in model.state_dict(keep_vars=True).items()
-    )
+def _versions(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t.data_ptr(), t._version) for t in tensors]
+
+
+def _weights_state(model: WaffleIron) -> tuple[list[torch.Tensor], tuple]:
+    """Every parameter and buffer, and a signature that changes whenever any of them changes."""
+    named = list(model.state_dict(keep_vars=True).items())
+    signature = tuple((name, id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for name, t in named)
+    return [t for _, t in named], signature
 
 
 def fast_engine(model: WaffleIron, dtype: torch.dtype | None = None, *, sparse_kernels: bool | None = None) -> FastWaffleIron:
     """The :class:`FastWaffleIron` of ``model`` for ``dtype``, cached while its weights are unchanged.
 
-    The cache is keyed on the model object and invalidated when any parameter
-    or buffer is replaced or modified in place (``load_state_dict``, an
-    optimiser step, ``.to()``...).
+    The cache is keyed on the model object. An engine is rebuilt when any
+    parameter or buffer was modified in place (an optimiser step,
+    ``load_state_dict``), replaced, or moved (``.to()``), or a submodule was
+    replaced.
 
     Raises:
         RuntimeError: the model is in training mode.
     """
+    if model.training:
+        raise RuntimeError(
+            "the fast engine is for inference and needs the model in eval mode (call model.eval()); "
+            "train with the model's own forward"
+        )
     key = (dtype or torch.float32, sparse_kernels)
-    signature = _weights_signature(model)
     with _CACHE_LOCK:
-        entry = _CACHE.setdefault(model, {}).get(key)
-        if entry is not None and entry[0] == signature:
-            return entry[1]
-    engine = FastWaffleIron(model, dtype, sparse_kernels=sparse_kernels)
-    logger.debug("built the fast engine of %s for %s", model.config.name or "a model", key[0])
-    with _CACHE_LOCK:
-        _CACHE.setdefault(model, {})[key] = (signature, engine)
-    return engine
+        entry = _CACHE.get(model, {}).get(key)
+        if entry is not None and entry.still_valid():
+            return entry.engine
+        epoch = _structure_epoch
+        tensors, signature = _weights_state(model)
+        if entry is not None and entry.signature == signature:
+            entry.epoch, entry.versions = epoch, _versions(tensors)
+            return entry.engine
+        engine = FastWaffleIron(model, dtype, sparse_kernels=sparse_kernels)
+        logger.debug("built the fast engine of %s for %s", model.config.name or "a model", key[0])
+        _CACHE.setdefault(model, {})[key] = _CacheEntry(engine, epoch, tensors, _versions(tensors), signature)
+        return engine

@@ -160,6 +160,11 @@ def test_engine_rebuilt_when_weights_change():
     with torch.no_grad():  # an in-place update (what an optimiser step does)
         a.waffleiron.channel_mix[1].mlp[2].weight.mul_(-2.0)
     _close(a.extract(points), a.extract(points, impl="reference"))
+    # a new head module: the old tensors are untouched, the structure changed
+    a.classif = nn.Conv1d(32, 5, 1)
+    head = a.extract(points, head=True)
+    assert head.shape[1] == 5
+    _close(head, a.extract(points, head=True, impl="reference"))
 
 
 def test_training_steps_then_fast_extract_follow_the_weights():
