@@ -350,9 +350,10 @@ class FastWaffleIron:
         dtype: compute dtype of the matrix products, ``None``/float32,
             ``torch.bfloat16`` or ``torch.float16``.
         sparse_kernels: average points into cells, run the first conv and
-            read cells back with sparse CSR products (default on the CPU,
-            where they beat the index kernels); else with index_add /
-            index_select (default elsewhere).
+            read cells back with sparse CSR products and run the second conv
+            one tap at a time through a reused buffer (default on the CPU:
+            least memory traffic); else use index_add / gathers of all taps
+            at once (default elsewhere: fewest kernel launches).
 
     Call it on a :class:`~scalr_zoo.model.PackedInput` like the model:
     ``engine(packed, head=False)`` -> float32 ``(M, C)`` or ``(M, out)``.
@@ -523,8 +524,8 @@ class FastWaffleIron:
             gathered = work.get("normalized", (m, width), torch.float32)  # free again: the means are taken
             tokens.add_(torch.index_select(out, 0, cells.inverse, out=gathered))
 
-    @staticmethod
     def _taps(
+        self,
         table: torch.Tensor,
         taps: torch.Tensor,
         weight: torch.Tensor,
@@ -532,8 +533,16 @@ class FastWaffleIron:
         out: torch.Tensor,
         work: _Workspace,
     ) -> None:
-        """Depthwise 3x3 conv at ``X`` cells: ``out[x] = bias + sum_k weight[k] * table[taps[x, k]]``."""
-        out.copy_(bias.expand_as(out))
+        """Depthwise 3x3 conv at ``X`` cells: ``out[x] = bias + sum_k weight[k] * table[taps[x, k]]``.
+
+        ``table`` ``(R+1, C)`` ends with a zero row, ``taps`` is ``(X, 9)``,
+        ``weight`` ``(9, C)``, ``out`` ``(X, C)``.
+        """
+        if not self.sparse_kernels:  # one gather of all taps: few kernel launches
+            torch.sum(table[taps] * weight, dim=1, out=out)
+            out.add_(bias)
+            return
+        out.copy_(bias.expand_as(out))  # one tap at a time through a reused (X, C) buffer
         gathered = work.get("taps", tuple(out.shape), out.dtype)
         for k in range(taps.shape[1]):
             torch.index_select(table, 0, taps[:, k], out=gathered)
