@@ -12,6 +12,7 @@ _guard_onednn_isa()
 from .config import SENSOR_PRESETS, ArchConfig, ModelConfig, PreprocessConfig
 from .convert import read_original_checkpoint
 from .extract import extract
+from .fast import FastWaffleIron, fast_engine
 from .loading import create_model, load
 from .model import PackedInput, WaffleIron
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchConfig",
+    "FastWaffleIron",
     "ModelConfig",
     "PackedInput",
     "PreprocessConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "__version__",
     "create_model",
     "extract",
+    "fast_engine",
     "load",
     "read_original_checkpoint",
 ]

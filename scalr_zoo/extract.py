@@ -159,8 +159,11 @@ def extract(
             model's FOV; the grids follow so that the cell size is kept,
             unless ``grids`` is given too.
         grids: grid shape of each projection plane.
-        dtype: autocast dtype, ``torch.bfloat16`` / ``torch.float16`` (or
-            ``"bf16"``, ``"fp16"``); default float32. Outputs are float32.
+        dtype: reduced precision, ``torch.bfloat16`` / ``torch.float16`` (or
+            ``"bf16"``, ``"fp16"``); default float32. The fast path runs its
+            matrix products in that dtype and keeps the residual stream,
+            norms and spatial mixing in float32; the reference path runs
+            under autocast. Outputs are float32.
         drop_nonfinite: drop points with NaN/Inf instead of raising; their
             output rows are NaN and their mask entries False.
         return_fov_mask: also return a ``(N,)`` bool mask of the points that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import scalr_zoo
-from scalr_zoo.fast import FastWaffleIron, fast_engine, plane_cells
+from scalr_zoo.fast import FastWaffleIron, _Workspace, fast_engine, plane_cells
 from scalr_zoo.preprocess import pack_clouds, prepare_cloud
 
 from conftest import assert_matches_reference, random_scan
@@ -207,10 +208,30 @@ def test_normalize_keeps_precision_for_rows_with_a_large_mean():
     engine = FastWaffleIron(_model(width=64, seed=6))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randn(300, 64, generator=gen)
-    tokens[::3] += 3000.0  # mean / std ~ 3000: the one-pass variance would be off by ~1e-1
+    tokens[::3] += 3000.0  # mean / std ~ 3000: the one-pass formulas would be off by ~1e-1
     out = engine._normalize(tokens, torch.empty_like(tokens))
     expected = F.layer_norm(tokens.double(), (64,), eps=engine.eps)
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_spatial_mix_with_large_mean_rows(sparse):
+    """Rows whose mean dwarfs their spread are normalised exactly (here more exactly than the float32 literal)."""
+    model = _model(width=32, seed=9)
+    packed = _packed(model, [random_scan(2000, seed=5, extent=19.0)])
+    engine = FastWaffleIron(model, sparse_kernels=sparse)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(packed.features.shape[0], 32, generator=gen)
+    tokens[::5] += 3e4
+    cells = plane_cells(packed.cell_index[0], packed.grids[0], sparse_kernels=sparse)
+    fast = tokens.clone()
+    engine._spatial_mix(fast, engine.spatial[0], cells, _Workspace(fast.device))
+    with torch.no_grad():  # the literal layer in float64 as the truth
+        layer = copy.deepcopy(model.waffleiron.spatial_mix[0]).double()
+        truth = layer(tokens.double(), packed.cell_index[0], packed.grids[0], 1) - tokens.double()
+    plain = torch.ones(len(tokens), dtype=torch.bool)
+    plain[::5] = False  # the others' updates are rounded at the 3e4 scale of their tokens
+    _close((fast - tokens)[plain], truth[plain].float())
 
 
 def test_plane_cells_tables():
