@@ -21,6 +21,11 @@ Modes: ``literal`` (``impl="reference"``: the model's forward, which follows
 the spec: dense grids, scatter mean, two depthwise convs, gather),
 ``literal-bf16`` (the same under bf16 autocast), ``fast`` (default fast
 engine, float32), ``fast-bf16``, ``fast-fp16``, and their ``cuda-`` variants.
+``floor`` / ``floor-bf16`` time only the network's large matrix products
+(the embedding's C x C map over the M*K neighbour pairs, its final map and
+the two C x C products of every channel mix) for the scan's M kept points,
+on random data: no implementation of the network can be faster than that
+on this machine, so it bounds the speed-up any fast path can reach.
 
 Examples::
 
@@ -58,9 +63,12 @@ MODES = {
     "cuda-fast": ("cuda", "fast", "fp32"),
     "cuda-fast-bf16": ("cuda", "fast", "bf16"),
     "cuda-fast-fp16": ("cuda", "fast", "fp16"),
+    "floor": ("cpu", "floor", "fp32"),
+    "floor-bf16": ("cpu", "floor", "bf16"),
+    "cuda-floor-bf16": ("cuda", "floor", "bf16"),
 }
-DEFAULT_MODES = ["literal", "fast", "fast-bf16"]
-DEFAULT_CUDA_MODES = ["cuda-literal", "cuda-fast", "cuda-fast-bf16", "cuda-fast-fp16"]
+DEFAULT_MODES = ["literal", "fast", "fast-bf16", "floor", "floor-bf16"]
+DEFAULT_CUDA_MODES = ["cuda-literal", "cuda-fast", "cuda-fast-bf16", "cuda-fast-fp16", "cuda-floor-bf16"]
 SCAN_SENSORS = {"nuscenes": "nuscenes", "kitti": "semantickitti"}
 
 
@@ -107,6 +115,9 @@ def worker(args: argparse.Namespace) -> None:
         }
     ).to(device)
     points = _load_scan(args.scan, args.scan_file)
+    if impl == "floor":
+        _matrix_products(args, model, points, device, dtype)
+        return
     torch_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     options = {"impl": impl, "dtype": torch_dtype}
     cuda = device == "cuda"
@@ -151,6 +162,52 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def _matrix_products(args: argparse.Namespace, model, points: np.ndarray, device: str, dtype: str) -> None:
+    """Time the network's large matrix products alone (see ``floor`` in the module docstring)."""
+    import torch
+
+    from scalr_zoo.fast import EMBED_CHUNK_POINTS, EMBED_CHUNK_POINTS_DEFAULT
+    from scalr_zoo.preprocess import prepare_cloud
+
+    cfg = model.config
+    kept = prepare_cloud(torch.from_numpy(points).to(device), cfg.preprocess, cfg.arch.dim_proj).num_kept
+    width, k = cfg.arch.width, cfg.preprocess.num_neighbors
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    chunk = min(EMBED_CHUNK_POINTS.get(device, EMBED_CHUNK_POINTS_DEFAULT), kept)
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(width, width, device=device, generator=gen).to(torch_dtype)
+    pairs = torch.randn(chunk * k, width, device=device, generator=gen).to(torch_dtype)
+    tokens = torch.randn(kept, width, device=device, generator=gen).to(torch_dtype)
+    pair_out = torch.empty_like(pairs)
+    token_out = torch.empty_like(tokens)
+    chunks = [min(chunk, kept - start) for start in range(0, kept, chunk)]
+    products = 2 * cfg.arch.depth + 1
+
+    def run() -> None:
+        for rows in chunks:
+            torch.mm(pairs[: rows * k], weight.t(), out=pair_out[: rows * k])
+        for _ in range(products):
+            torch.mm(tokens, weight.t(), out=token_out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    flops = 2 * width * width * (kept * k + products * kept)
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(max(args.repeats, 1)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    result = {
+        "scan": args.scan, "mode": args.mode, "points": int(points.shape[0]), "kept": kept, "first_s": first,
+        "times_s": times, "tflop": flops / 1e12, "gflops": flops / min(times) / 1e9,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def _accuracy(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
     a, e = actual.astype(np.float64), expected.astype(np.float64)
     rms = float(np.sqrt(np.mean(e**2)))
@@ -178,6 +235,7 @@ def _run(args: argparse.Namespace, scan: str, mode: str, features_out: Path) -> 
 
 def _literal_of(mode: str) -> str:
     return "cuda-literal" if mode.startswith("cuda-") else "literal"
+
 
 
 def _fp32_of(mode: str) -> str | None:
@@ -227,7 +285,7 @@ def main() -> None:
                 out = Path(tmp) / f"{scan}-{mode}.npy"
                 res = _run(args, scan, mode, out)
                 if res is not None:
-                    res["features"] = out
+                    res["features"] = out if out.exists() else None
                     results[mode] = res
             _report(scan, results)
             for res in results.values():
@@ -253,23 +311,29 @@ def _report(scan: str, results: dict[str, dict]) -> None:
     header = f"{'mode':18s} {'median s':>9s} {'first s':>8s} {'x literal':>9s} {'peak MiB':>9s}  {'vs literal fp32: max|err|/RMS':>29s} {'cos min':>9s} {'cos mean':>9s}"
     print(header)
     print("-" * len(header))
-    loaded = {m: np.load(r["features"]) for m, r in results.items()}
+    loaded = {m: np.load(r["features"]) for m, r in results.items() if r["features"] is not None}
     for mode, res in results.items():
         res["median_s"] = float(np.median(res["times_s"])) if res["times_s"] else res["first_s"]
     for mode, res in results.items():
         literal = results.get(_literal_of(mode))
         ratio = literal["median_s"] / res["median_s"] if literal else float("nan")
         res["speedup_vs_literal"] = ratio
+        if "tflop" in res:  # a floor: no features, no memory
+            print(
+                f"{mode:18s} {res['median_s']:9.3f} {res['first_s']:8.3f} {ratio:9.2f} {'':>9s}  "
+                f"matrix products only: {res['tflop']:.2f} TFLOP at {res['gflops']:.0f} GFLOP/s, M = {res['kept']}"
+            )
+            continue
         peak = res.get("peak_cuda_mib", res["peak_rss_mib"])
         line = f"{mode:18s} {res['median_s']:9.3f} {res['first_s']:8.3f} {ratio:9.2f} {peak:9.0f}"
-        if "literal" in loaded:
+        if "literal" in loaded and mode in loaded:
             acc = _accuracy(loaded[mode], loaded["literal"])
             res["vs_literal_fp32"] = acc
             line += f"  {acc['max_err_rms']:29.2e} {acc['cos_min']:9.6f} {acc['cos_mean']:9.6f}"
         print(line)
     for mode in results:
         base = _fp32_of(mode)
-        if base in loaded:
+        if base in loaded and mode in loaded:
             acc = _accuracy(loaded[mode], loaded[base])
             results[mode]["vs_fp32"] = acc
             print(
