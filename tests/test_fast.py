@@ -135,15 +135,17 @@ def test_index_kernels_match_reference_case(pretrained_case, pretrained_model):
     assert_matches_reference(engine(packed)[cloud.upsample], case.arrays["backbone"])
 
 
-def test_bf16_close_to_fp32(pretrained_case, pretrained_model):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_close_to_fp32(pretrained_case, pretrained_model, dtype):
     points = pretrained_case.points
     fp32 = pretrained_model.extract(points)
-    bf16 = pretrained_model.extract(points, dtype=torch.bfloat16)
-    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
-    cosine = F.cosine_similarity(bf16.double(), fp32.double(), dim=1)
+    low = pretrained_model.extract(points, dtype=dtype)
+    assert low.dtype == torch.float32 and low.shape == fp32.shape
+    cosine = F.cosine_similarity(low.double(), fp32.double(), dim=1)
     assert cosine.min() >= 0.999, cosine.min()
-    assert not torch.equal(bf16, fp32)  # the products really ran in bfloat16
-    head = pretrained_model.extract(points, head=True, dtype="bf16")
+    assert not torch.equal(low, fp32)  # the products really ran in reduced precision
+    assert fast_engine(pretrained_model, dtype).embed.pair_out.dtype == dtype
+    head = pretrained_model.extract(points, head=True, dtype=dtype)
     assert F.cosine_similarity(head.double(), pretrained_model.extract(points, head=True).double(), dim=1).min() >= 0.999
 
 
