@@ -17,6 +17,7 @@ from .data import SampleScan, sample_scan
 from .extract import extract
 from .hub import IntegrityError, NotCachedError, SourceNotFoundError, download
 from .io import read_point_cloud, read_points
+from .fast import FastWaffleIron, fast_engine
 from .loading import create_model, load
 from .metrics import SegmentationScores
 from .model import PackedInput, WaffleIron
@@ -34,6 +35,8 @@ __all__ = [
     "data",
     "download",
     "extract",
+    "fast_engine",
+    "FastWaffleIron",
     "finetune",
     "IntegrityError",
     "io",

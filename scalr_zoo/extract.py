@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .config import PreprocessConfig, resolve_intensity_stats
+from .fast import fast_engine
 from .model import PackedInput, WaffleIron
 from .preprocess import PreparedCloud, pack_clouds, prepare_cloud
 
@@ -179,9 +180,21 @@ def prepare_points(
 
 
 def forward_packed(
-    model: WaffleIron, packed: PackedInput, *, head: bool, autocast_dtype: torch.dtype | None
+    model: WaffleIron,
+    packed: PackedInput,
+    *,
+    head: bool,
+    autocast_dtype: torch.dtype | None,
+    impl: str = "fast",
 ) -> torch.Tensor:
-    """Network outputs ``(M, C)`` (or ``(M, out)``) float32 of packed kept points."""
+    """Network outputs ``(M, C)`` (or ``(M, out)``) float32 of packed kept points.
+
+    ``impl="fast"`` runs the folded, sparse engine of :mod:`scalr_zoo.fast`;
+    ``"reference"`` the model's own forward (dense grids, as the spec states
+    it) under autocast.
+    """
+    if impl == "fast":
+        return fast_engine(model, autocast_dtype)(packed, head=head)
     autocast = (
         torch.autocast(packed.features.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -199,11 +212,12 @@ def run_prepared(
     *,
     head: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    impl: str = "fast",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run prepared clouds as one packed batch; per cloud, ``(N, C)`` rows for every
     input point (NaN for dropped ones) and the ``(N,)`` FOV mask. Call under no_grad."""
     packed, offsets = pack_clouds([p.cloud for p in prepared], grids)
-    result = forward_packed(model, packed, head=head, autocast_dtype=autocast_dtype)
+    result = forward_packed(model, packed, head=head, autocast_dtype=autocast_dtype, impl=impl)
     per_cloud = []
     for item, offset in zip(prepared, offsets):
         rows = result[offset + item.cloud.upsample]
@@ -230,6 +244,7 @@ def extract(
     return_fov_mask: bool = False,
     batch_size: int | None = None,
     knn_backend: str = "auto",
+    impl: str = "fast",
 ) -> torch.Tensor | list[torch.Tensor] | tuple:
     """Features of every input point of one cloud or a list of clouds.
 
@@ -245,8 +260,11 @@ def extract(
             model's FOV; the grids follow so that the cell size is kept,
             unless ``grids`` is given too.
         grids: grid shape of each projection plane.
-        dtype: autocast dtype, ``torch.bfloat16`` / ``torch.float16`` (or
-            ``"bf16"``, ``"fp16"``); default float32. Outputs are float32.
+        dtype: reduced precision, ``torch.bfloat16`` / ``torch.float16`` (or
+            ``"bf16"``, ``"fp16"``); default float32. The fast path runs its
+            matrix products in that dtype and keeps the residual stream,
+            norms and spatial mixing in float32; the reference path runs
+            under autocast. Outputs are float32.
         drop_nonfinite: drop points with NaN/Inf instead of raising; their
             output rows are NaN and their mask entries False.
         return_fov_mask: also return a ``(N,)`` bool mask of the points that
@@ -254,6 +272,10 @@ def extract(
             kept point).
         batch_size: clouds per forward pass for a list (default: all at once).
         knn_backend: ``"auto"``, ``"scipy"`` or ``"torch"``.
+        impl: ``"fast"`` (default) runs the folded, sparse inference engine
+            of :mod:`scalr_zoo.fast`; ``"reference"`` runs the model's own
+            forward, which follows the spec literally (dense grids). Both
+            give the same features up to float rounding.
 
     Returns:
         A float32 ``(N, C)`` (or ``(N, out)``) tensor on the model's device,
@@ -274,6 +296,8 @@ def extract(
         raise ValueError("points is an empty list; give at least one cloud")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if impl not in ("fast", "reference"):
+        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     batch_size = batch_size or len(clouds)
     autocast_dtype = _resolve_dtype(dtype)
     config = _preprocess_config(model, sensor, fov, grids)
@@ -291,7 +315,9 @@ def extract(
                 )
                 for i in range(start, min(start + batch_size, len(clouds)))
             ]
-            for rows, mask in run_prepared(model, prepared, config.grids, head=head, autocast_dtype=autocast_dtype):
+            for rows, mask in run_prepared(
+                model, prepared, config.grids, head=head, autocast_dtype=autocast_dtype, impl=impl
+            ):
                 outputs.append(rows)
                 masks.append(mask)
     if single:
