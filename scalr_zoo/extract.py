@@ -222,17 +222,15 @@ def extract(
                 finite_masks.append(finite)
                 sizes.append(tensor.shape[0])
             packed, offsets = pack_clouds(prepared, config.grids)
-            if impl == "fast":
-                result = fast_engine(model, autocast_dtype)(packed, head=head)
-            else:
-                autocast = (
-                    torch.autocast(device.type, dtype=autocast_dtype)
-                    if autocast_dtype is not None
-                    else contextlib.nullcontext()
-                )
-                with autocast:
-                    result = model(packed, head=head)
-                result = result.float()
+            autocast = (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None and impl == "reference"
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                network = fast_engine(model, autocast_dtype) if impl == "fast" else model
+                result = network(packed, head=head)
+            result = result.float()
             for cloud, finite, n, off in zip(prepared, finite_masks, sizes, offsets):
                 rows = result[off + cloud.upsample]
                 mask = cloud.fov_mask
