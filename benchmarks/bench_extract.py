@@ -29,7 +29,7 @@ on this machine, so it bounds the speed-up any fast path can reach.
 
 Examples::
 
-    python benchmarks/bench_extract.py                          # everything (CPU: ~20 min)
+    python benchmarks/bench_extract.py                          # everything (2-core CPU: ~25 min)
     python benchmarks/bench_extract.py --scans nuscenes --modes literal,fast --depth 6 --repeats 1
     python benchmarks/bench_extract.py --scan-file ../shared/data/kitti_000008.bin --sensor semantickitti
 """
