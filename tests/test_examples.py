@@ -61,8 +61,9 @@ def test_segment_file(tmp_path):
 
 
 def test_notebook(zoo, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
+
     monkeypatch.setenv("SCALR_ZOO_QUICKSTART_MODEL", "test-scalr")
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
