@@ -14,6 +14,8 @@ config hash) after a barrier.
 
 from __future__ import annotations
 
+import dataclasses
+import dataclasses
 import hashlib
 import json
 import logging
@@ -57,9 +59,7 @@ def output_path(input_dir: Path, output_dir: Path, scan: Path) -> Path:
 def config_hash(model: WaffleIron, preprocess: PreprocessConfig, head: bool, dtype: Any) -> str:
     """sha256 of everything that determines the features: config, options and weights."""
     digest = hashlib.sha256()
-    config = model.config.to_dict()
-    config["preprocessing"] = type(model.config)(model.config.arch, preprocess).to_dict()["preprocessing"]
-    config.pop("meta", None)
+    config = dataclasses.replace(model.config, preprocess=preprocess, meta={}).to_dict()
     digest.update(json.dumps({"config": config, "head": head, "dtype": str(dtype)}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
