@@ -151,6 +151,8 @@ def test_torchrun_two_ranks(dataset, expected, tmp_path):
     assert_outputs_equal(out, expected)
     index = json.loads((out / INDEX_NAME).read_text())
     assert index["complete"] and len(index["scans"]) == NUM_SCANS
+    # sharded: rank 0 extracted its half only (scans 0, 2, 4, 6 of the sorted list)
+    assert f"{NUM_SCANS // 2} written, 0 already there (rank 0)" in stdout
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     rerun = torchrun(scans, out, model_dir)
