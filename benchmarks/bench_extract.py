@@ -17,10 +17,13 @@ same run, peak memory, and the accuracy of every mode against the literal
 float32 features (max |error| / RMS, the testvector metric, and per-point
 cosine) and of reduced precision against float32.
 
-Modes: ``literal`` (``impl="reference"``: the model's forward, which follows
-the spec: dense grids, scatter mean, two depthwise convs, gather),
-``literal-bf16`` (the same under bf16 autocast), ``fast`` (default fast
-engine, float32), ``fast-bf16``, ``fast-fp16``, and their ``cuda-`` variants.
+Modes: ``literal`` (``impl="literal"``, :mod:`scalr_zoo.literal`: the spec
+step by step, channel-major ``(1, C, N)`` tokens, kernel-1 convolutions, a
+fresh dense grid per spatial mix with scatter mean, two depthwise 3x3 convs
+and gather; the baseline of every ratio), ``literal-bf16`` (the same under
+bf16 autocast), ``module`` (``impl="module"``: the model's own forward,
+point-major tokens but still dense grids), ``fast`` (default fast engine,
+float32), ``fast-bf16``, ``fast-fp16``, and their ``cuda-`` variants.
 ``floor`` / ``floor-bf16`` time only the network's large matrix products
 (the embedding's C x C map over the M*K neighbour pairs, its final map and
 the two C x C products of every channel mix) for the scan's M kept points,
@@ -53,13 +56,15 @@ sys.path.insert(0, str(HERE.parent))
 
 #: mode name -> (device, impl, dtype)
 MODES = {
-    "literal": ("cpu", "reference", "fp32"),
-    "literal-bf16": ("cpu", "reference", "bf16"),
+    "literal": ("cpu", "literal", "fp32"),
+    "literal-bf16": ("cpu", "literal", "bf16"),
+    "module": ("cpu", "module", "fp32"),
     "fast": ("cpu", "fast", "fp32"),
     "fast-bf16": ("cpu", "fast", "bf16"),
     "fast-fp16": ("cpu", "fast", "fp16"),
-    "cuda-literal": ("cuda", "reference", "fp32"),
-    "cuda-literal-bf16": ("cuda", "reference", "bf16"),
+    "cuda-literal": ("cuda", "literal", "fp32"),
+    "cuda-literal-bf16": ("cuda", "literal", "bf16"),
+    "cuda-module": ("cuda", "module", "fp32"),
     "cuda-fast": ("cuda", "fast", "fp32"),
     "cuda-fast-bf16": ("cuda", "fast", "bf16"),
     "cuda-fast-fp16": ("cuda", "fast", "fp16"),
@@ -67,8 +72,8 @@ MODES = {
     "floor-bf16": ("cpu", "floor", "bf16"),
     "cuda-floor-bf16": ("cuda", "floor", "bf16"),
 }
-DEFAULT_MODES = ["literal", "fast", "fast-bf16", "floor", "floor-bf16"]
-DEFAULT_CUDA_MODES = ["cuda-literal", "cuda-fast", "cuda-fast-bf16", "cuda-fast-fp16", "cuda-floor-bf16"]
+DEFAULT_MODES = ["literal", "module", "fast", "fast-bf16", "floor", "floor-bf16"]
+DEFAULT_CUDA_MODES = ["cuda-literal", "cuda-module", "cuda-fast", "cuda-fast-bf16", "cuda-fast-fp16", "cuda-floor-bf16"]
 SCAN_SENSORS = {"nuscenes": "nuscenes", "kitti": "semantickitti"}
 
 

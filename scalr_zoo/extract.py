@@ -13,6 +13,7 @@ import torch
 
 from .config import PreprocessConfig, resolve_intensity_stats
 from .fast import fast_engine
+from .literal import literal_forward
 from .model import PackedInput, WaffleIron
 from .preprocess import PreparedCloud, pack_clouds, prepare_cloud
 
@@ -21,6 +22,9 @@ __all__ = ["extract", "as_points_tensor", "PreparedPoints", "prepare_points", "r
 logger = logging.getLogger(__name__)
 
 PointsLike = Union[np.ndarray, torch.Tensor]
+
+#: Implementations of the forward pass that ``extract(impl=...)`` accepts.
+IMPLS = ("fast", "module", "literal")
 
 _AUTOCAST_DTYPES = {
     "float32": None,
@@ -190,8 +194,9 @@ def forward_packed(
     """Network outputs ``(M, C)`` (or ``(M, out)``) float32 of packed kept points.
 
     ``impl="fast"`` runs the folded, sparse engine of :mod:`scalr_zoo.fast`;
-    ``"reference"`` the model's own forward (dense grids, as the spec states
-    it) under autocast.
+    ``"module"`` the model's own forward (point-major, dense grids) and
+    ``"literal"`` :func:`scalr_zoo.literal.literal_forward` (the spec step by
+    step, channel-major), both under autocast when ``autocast_dtype`` is set.
     """
     if impl == "fast":
         return fast_engine(model, autocast_dtype)(packed, head=head)
@@ -201,7 +206,7 @@ def forward_packed(
         else contextlib.nullcontext()
     )
     with autocast:
-        result = model(packed, head=head)
+        result = literal_forward(model, packed, head=head) if impl == "literal" else model(packed, head=head)
     return result.float()
 
 
@@ -263,7 +268,7 @@ def extract(
         dtype: reduced precision, ``torch.bfloat16`` / ``torch.float16`` (or
             ``"bf16"``, ``"fp16"``); default float32. The fast path runs its
             matrix products in that dtype and keeps the residual stream,
-            norms and spatial mixing in float32; the reference path runs
+            norms and spatial mixing in float32; the other paths run
             under autocast. Outputs are float32.
         drop_nonfinite: drop points with NaN/Inf instead of raising; their
             output rows are NaN and their mask entries False.
@@ -273,9 +278,12 @@ def extract(
         batch_size: clouds per forward pass for a list (default: all at once).
         knn_backend: ``"auto"``, ``"scipy"`` or ``"torch"``.
         impl: ``"fast"`` (default) runs the folded, sparse inference engine
-            of :mod:`scalr_zoo.fast`; ``"reference"`` runs the model's own
-            forward, which follows the spec literally (dense grids). Both
-            give the same features up to float rounding.
+            of :mod:`scalr_zoo.fast`; ``"module"`` runs the model's own
+            ``forward`` (point-major tokens, dense grids: the path that
+            trains); ``"literal"`` runs :mod:`scalr_zoo.literal`, the spec
+            step by step (channel-major, dense grids, slow; the ground truth
+            of the tests and benchmarks). All give the same features up to
+            float rounding.
 
     Returns:
         A float32 ``(N, C)`` (or ``(N, out)``) tensor on the model's device,
@@ -296,8 +304,8 @@ def extract(
         raise ValueError("points is an empty list; give at least one cloud")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if impl not in ("fast", "reference"):
-        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     batch_size = batch_size or len(clouds)
     autocast_dtype = _resolve_dtype(dtype)
     config = _preprocess_config(model, sensor, fov, grids)

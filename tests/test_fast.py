@@ -1,4 +1,5 @@
-"""The fast inference engine (scalr_zoo.fast) against the literal forward and the reference cases."""
+"""The fast engine (scalr_zoo.fast) and the module's forward against the spec-literal forward
+(scalr_zoo.literal) and the reference cases."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import scalr_zoo
 from scalr_zoo.fast import FastWaffleIron, _Workspace, fast_engine, plane_cells
+from scalr_zoo.literal import literal_forward
 from scalr_zoo.preprocess import pack_clouds, prepare_cloud
 
 from conftest import assert_matches_reference, random_scan
@@ -57,6 +59,10 @@ def _packed(model: scalr_zoo.WaffleIron, clouds: list[np.ndarray]):
 
 
 def _literal(model, packed, head=False) -> torch.Tensor:
+    return literal_forward(model, packed, head=head)
+
+
+def _module(model, packed, head=False) -> torch.Tensor:
     with torch.no_grad():
         return model(packed, head=head)
 
@@ -94,9 +100,13 @@ def test_fast_equals_literal_every_family(norm, act, head, sparse):
     model = _model(norm, act, head, depth=4, seed=len(norm) + len(act) + len(head))
     packed = _packed(model, [random_scan(2500, seed=3, extent=19.0), _edge_scan(4)])
     engine = FastWaffleIron(model, sparse_kernels=sparse)
-    _close(engine(packed), _literal(model, packed))
+    literal = _literal(model, packed)
+    _close(engine(packed), literal)
+    _close(_module(model, packed), literal)
     if head != "none":
-        _close(engine(packed, head=True), _literal(model, packed, head=True))
+        literal_head = _literal(model, packed, head=True)
+        _close(engine(packed, head=True), literal_head)
+        _close(_module(model, packed, head=True), literal_head)
     else:
         with pytest.raises(ValueError, match="no head"):
             engine(packed, head=True)
@@ -119,10 +129,10 @@ def test_batch_of_clouds_equals_each_cloud_alone(sparse):
     assert start == len(batched)
 
 
-def test_reference_cases_both_paths(case):
-    """The original code's numbers, through the fast default and the literal path of extract()."""
+def test_reference_cases_every_path(case):
+    """The original code's numbers, through the fast default, the module's forward and the literal path."""
     model = scalr_zoo.load(case.checkpoint, config=case.config, device="cpu")
-    for impl in ("fast", "reference"):
+    for impl in ("fast", "module", "literal"):
         assert_matches_reference(model.extract(case.points, impl=impl), case.arrays["backbone"])
         assert_matches_reference(model.extract(case.points, head=True, impl=impl), case.arrays["head"])
 
@@ -160,15 +170,15 @@ def test_engine_rebuilt_when_weights_change():
     assert fast_engine(a) is not engine
     after_load = a.extract(points)
     assert not torch.allclose(after_load, first, atol=1e-3)
-    _close(after_load, b.extract(points, impl="reference"))
+    _close(after_load, b.extract(points, impl="module"))
     with torch.no_grad():  # an in-place update (what an optimiser step does)
         a.waffleiron.channel_mix[1].mlp[2].weight.mul_(-2.0)
-    _close(a.extract(points), a.extract(points, impl="reference"))
+    _close(a.extract(points), a.extract(points, impl="module"))
     # a new head module: the old tensors are untouched, the structure changed
     a.classif = nn.Conv1d(32, 5, 1)
     head = a.extract(points, head=True)
     assert head.shape[1] == 5
-    _close(head, a.extract(points, head=True, impl="reference"))
+    _close(head, a.extract(points, head=True, impl="module"))
 
 
 def test_training_steps_then_fast_extract_follow_the_weights():
@@ -186,7 +196,7 @@ def test_training_steps_then_fast_extract_follow_the_weights():
     after = model.extract(points)
     assert model.training  # extract() restores the mode it found
     assert not torch.allclose(after, before, atol=1e-3)
-    _close(after, model.extract(points, impl="reference"))
+    _close(after, model.extract(points, impl="module"))
 
 
 def test_engine_is_inference_only():
