@@ -33,7 +33,8 @@ _PROBE = (
 )
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
+def cpu_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and cpuid flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -60,7 +61,7 @@ def guard_onednn_isa() -> None:
         return
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return
-    model, flags = _cpu_flags()
+    model, flags = cpu_flags()
     if "amx_tile" not in flags:
         return
     try:

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._amx import BLOCK as AMX_BLOCK
+from ._amx import AmxLinear, amx_kernel, pack_weight
 from .model import PackedInput, WaffleIron
 
 __all__ = ["FastWaffleIron", "fast_engine"]
@@ -118,22 +120,36 @@ def _depthwise_taps(conv: nn.Conv2d) -> torch.Tensor:
 
 @dataclass
 class _Linear:
-    """A folded linear layer ``x @ weight.T + bias``, stored contiguous in its compute dtype."""
+    """A folded linear layer ``x @ weight.T + bias``, stored contiguous in its compute dtype.
 
-    weight: torch.Tensor  # (out, in)
-    bias: torch.Tensor  # (out,)
+    With the AMX kernel the weight is held only in its packed layout and the
+    bias in float32 (the kernel adds it to its float32 accumulators).
+    """
+
+    weight: torch.Tensor | None  # (out, in), None when packed
+    bias: torch.Tensor | None  # (out,)
+    packed: torch.Tensor | None = None  # scalr_zoo._amx.pack_weight(weight)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.weight is not None else self.packed.shape[0] * 16
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> "_Linear":
-        return cls(weight.to(dtype).contiguous(), bias.to(dtype).contiguous())
+    def of(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, amx: AmxLinear | None = None
+    ) -> "_Linear":
+        if amx is not None and weight.shape[0] % AMX_BLOCK == 0 and weight.shape[1] % AMX_BLOCK == 0:
+            bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+            return cls(None, bias32, pack_weight(weight))
+        return cls(weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype).contiguous())
 
 
 @dataclass
 class _FoldedEmbedding:
     point: _Linear  # (C, 5) float32: BN1d -> conv1 -> final[:, :C], on raw features
     pair: torch.Tensor  # (C, 6) compute dtype: BN2d(5) -> Conv(5->C) -> BN2d(C) on (difference, 1)
-    pair_out: torch.Tensor  # (C, C) compute dtype, Conv(C->C) after the ReLU
-    final: torch.Tensor  # (C, C) compute dtype, final[:, C:]
+    pair_out: _Linear  # (C, C) Conv(C->C) after the ReLU, no bias
+    final: _Linear  # (C, C) final[:, C:], no bias
 
 
 @dataclass
@@ -154,7 +170,7 @@ class _FoldedSpatialMix:
     bias2: torch.Tensor  # (C,)
 
 
-def _fold_embedding(embed: nn.Module, dtype: torch.dtype) -> _FoldedEmbedding:
+def _fold_embedding(embed: nn.Module, dtype: torch.dtype, amx: AmxLinear | None) -> _FoldedEmbedding:
     a0, b0 = _bn_affine(embed.norm)
     width = embed.conv1.weight.shape[0]
     device = embed.conv1.weight.device
@@ -172,20 +188,20 @@ def _fold_embedding(embed: nn.Module, dtype: torch.dtype) -> _FoldedEmbedding:
     return _FoldedEmbedding(
         point=_Linear.of(point_w, point_b, torch.float32),
         pair=torch.cat([pair_w, pair_b[:, None]], dim=1).to(dtype).contiguous(),
-        pair_out=_matrix(conv_b).to(dtype).contiguous(),
-        final=w_final_pair.to(dtype).contiguous(),
+        pair_out=_Linear.of(_matrix(conv_b), None, dtype, amx),
+        final=_Linear.of(w_final_pair, None, dtype, amx),
     )
 
 
-def _fold_channel_mix(mix: nn.Module, dtype: torch.dtype) -> _FoldedChannelMix:
+def _fold_channel_mix(mix: nn.Module, dtype: torch.dtype, amx: AmxLinear | None) -> _FoldedChannelMix:
     scale, shift = _norm_affine(mix.norm)
     w1, w2 = _matrix(mix.mlp[0]), _matrix(mix.mlp[2])
     b1, b2 = mix.mlp[0].bias.detach().double(), mix.mlp[2].bias.detach().double()
     layer_scale = mix.scale.weight.detach().double().view(-1)
     return _FoldedChannelMix(
         layernorm=isinstance(mix.norm, nn.LayerNorm),
-        hidden=_Linear.of(w1 * scale, w1 @ shift + b1, dtype),
-        out=_Linear.of(layer_scale[:, None] * w2, layer_scale * b2, dtype),
+        hidden=_Linear.of(w1 * scale, w1 @ shift + b1, dtype, amx),
+        out=_Linear.of(layer_scale[:, None] * w2, layer_scale * b2, dtype, amx),
     )
 
 
@@ -373,13 +389,21 @@ class FastWaffleIron:
             one tap at a time through a reused buffer (default on the CPU:
             least memory traffic); else use index_add / gathers of all taps
             at once (default elsewhere: fewest kernel launches).
+        use_amx_kernel: run the bfloat16 products on :mod:`scalr_zoo._amx`'s
+            kernel: None (default) where that module says so, True to
+            require it (RuntimeError where it is unavailable), False never.
 
     Call it on a :class:`~scalr_zoo.model.PackedInput` like the model:
     ``engine(packed, head=False)`` -> float32 ``(M, C)`` or ``(M, out)``.
     """
 
     def __init__(
-        self, model: WaffleIron, dtype: torch.dtype | None = None, *, sparse_kernels: bool | None = None
+        self,
+        model: WaffleIron,
+        dtype: torch.dtype | None = None,
+        *,
+        sparse_kernels: bool | None = None,
+        use_amx_kernel: bool | None = None,
     ) -> None:
         if model.training:
             raise RuntimeError(
@@ -392,14 +416,21 @@ class FastWaffleIron:
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.sparse_kernels = self.device.type == "cpu" if sparse_kernels is None else sparse_kernels
+        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        self.amx = amx_kernel() if cpu_bf16 and use_amx_kernel is not False else None
+        if use_amx_kernel and self.amx is None:
+            raise RuntimeError(
+                "the AMX kernel is not available here (it needs bfloat16 on an x86 CPU with AMX, "
+                "a C compiler, and SCALR_ZOO_AMX_KERNEL unset or 1); see scalr_zoo._amx"
+            )
         arch = self.config.arch
         self.act = arch.act
         self.eps = arch.layer_norm_eps
         self.dim_proj = arch.dim_proj
         with torch.no_grad():
-            self.embed = _fold_embedding(model.embed, self.dtype)
+            self.embed = _fold_embedding(model.embed, self.dtype, self.amx)
             self.spatial = [_fold_spatial_mix(m) for m in model.waffleiron.spatial_mix]
-            self.channel = [_fold_channel_mix(m, self.dtype) for m in model.waffleiron.channel_mix]
+            self.channel = [_fold_channel_mix(m, self.dtype, self.amx) for m in model.waffleiron.channel_mix]
             self.head = _fold_head(model.classif, self.dtype) if model.has_head else None
 
     @property
@@ -442,7 +473,7 @@ class FastWaffleIron:
         """``(M, 5)`` features and ``(M, K+1)`` neighbours -> float32 ``(M, C)`` tokens."""
         fold = self.embed
         m = features.shape[0]
-        width = fold.final.shape[0]
+        width = fold.point.weight.shape[0]
         features = features.float()
         others = neighbors[:, 1:]
         k = others.shape[1]
@@ -459,28 +490,33 @@ class FastWaffleIron:
             torch.sub(features[others[start:stop]], features[start:stop, None], out=diff[..., :5])
             pair = work.get("pair", (rows, width), self.dtype)
             torch.mm(diff.view(rows, 6), fold.pair.t(), out=pair).relu_()
-            mapped = work.get("pair_out", (rows, width), self.dtype)
-            torch.mm(pair, fold.pair_out.t(), out=mapped)
+            mapped = self._linear(pair, fold.pair_out, work.get("pair_out", (rows, width), self.dtype))
             torch.amax(mapped.view(stop - start, k, width), dim=1, out=pooled[start:stop])
         work.release("diff", "pair", "pair_out")
-        self._add_product(tokens, pooled, fold.final, None, work)
+        self._add_product(tokens, pooled, fold.final, work)
         return tokens
 
-    def _add_product(
-        self, tokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, work: _Workspace
-    ) -> None:
-        """``tokens += x @ weight.T (+ bias)`` with float32 ``tokens`` and compute-dtype ``x``/``weight``."""
-        if self.dtype == torch.float32:
-            tokens.addmm_(x, weight.t())
-            if bias is not None:
-                tokens.add_(bias)
-            return
-        product = work.get("product", tuple(tokens.shape), self.dtype)
-        if bias is None:
-            torch.mm(x, weight.t(), out=product)
+    def _linear(self, x: torch.Tensor, layer: _Linear, out: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """``out = [relu](x @ weight.T + bias)``, all in the compute dtype."""
+        if layer.packed is not None:
+            return self.amx.linear(x, layer.packed, layer.bias, out, relu=relu)
+        if layer.bias is None:
+            torch.mm(x, layer.weight.t(), out=out)
         else:
-            torch.addmm(bias, x, weight.t(), out=product)
-        tokens.add_(product)
+            torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+        return out.relu_() if relu else out
+
+    def _add_product(self, tokens: torch.Tensor, x: torch.Tensor, layer: _Linear, work: _Workspace) -> None:
+        """``tokens += x @ weight.T + bias`` with float32 ``tokens`` and compute-dtype ``x``."""
+        if layer.packed is not None:  # float32 accumulators added straight into the tokens
+            self.amx.linear(x, layer.packed, layer.bias, tokens, accumulate=True)
+            return
+        if self.dtype == torch.float32:
+            tokens.addmm_(x, layer.weight.t())
+            if layer.bias is not None:
+                tokens.add_(layer.bias)
+            return
+        tokens.add_(self._linear(x, layer, work.get("product", tuple(tokens.shape), self.dtype)))
 
     def _row_stats(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Mean and 1/std ``(M, 1)`` of every row of float32 ``(M, C)`` tokens, LayerNorm's eps included.
@@ -525,10 +561,11 @@ class FastWaffleIron:
             x.copy_(tokens)
         else:
             x = tokens
-        hidden = work.get("hidden", (m, fold.hidden.weight.shape[0]), self.dtype)
-        torch.addmm(fold.hidden.bias, x, fold.hidden.weight.t(), out=hidden)
-        _activation_(self.act)(hidden)
-        self._add_product(tokens, hidden, fold.out.weight, fold.out.bias, work)
+        hidden = work.get("hidden", (m, fold.hidden.out_features), self.dtype)
+        self._linear(x, fold.hidden, hidden, relu=self.act == "relu")
+        if self.act != "relu":
+            _activation_(self.act)(hidden)
+        self._add_product(tokens, hidden, fold.out, work)
 
     def _spatial_mix(self, tokens: torch.Tensor, fold: _FoldedSpatialMix, cells: _PlaneCells, work: _Workspace) -> None:
         """``tokens += s * conv2(act(conv1(cell means of norm(tokens))))`` read at each point's cell, in place."""
