@@ -37,7 +37,7 @@ import torch
 
 from ._platform import cpu_flags
 
-__all__ = ["BLOCK", "AmxLinear", "amx_kernel", "pack_weight"]
+__all__ = ["BLOCK", "AmxLinear", "amx_cpu", "amx_kernel", "load_amx_kernel", "pack_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ _SELF_TEST = (
 )
 
 _lock = threading.Lock()
-_loaded: dict[str, "AmxLinear | None"] = {}
+_loaded: dict[tuple[str, str], AmxLinear | None] = {}
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -191,6 +191,13 @@ def _passes_self_test(library: Path) -> bool:
     return ok
 
 
+def amx_cpu() -> bool:
+    """Whether this is x86-64 Linux on a CPU that advertises AMX-BF16 and AVX512-BF16."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return _REQUIRED_CPU_FLAGS <= cpu_flags()[1]
+
+
 def _onednn_uses_amx() -> bool:
     """Whether oneDNN may pick its own AMX kernels (not capped by ``ONEDNN_MAX_CPU_ISA``)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
@@ -204,26 +211,35 @@ def amx_kernel() -> AmxLinear | None:
         return None
     if setting == "auto" and _onednn_uses_amx():
         return None
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    if not _REQUIRED_CPU_FLAGS <= cpu_flags()[1]:
+    return load_amx_kernel()
+
+
+def load_amx_kernel() -> AmxLinear | None:
+    """The AMX kernel wherever it can run (x86-64 Linux with AMX, a C compiler, a passing self-test), else None.
+
+    Builds and self-tests it on first use (see the module docstring); the
+    result is kept for the process, per compiler and cache folder.
+    """
+    if not amx_cpu():
         return None
     compiler = _compiler()
     if compiler is None:
         logger.info("no C compiler found: bfloat16 products use torch (set CC to enable the AMX kernel)")
         return None
-    with _lock:
-        if compiler in _loaded:
-            return _loaded[compiler]
-        from .hub import cache_dir
+    from .hub import cache_dir
 
+    kernels_dir = cache_dir() / "kernels"
+    key = (compiler, str(kernels_dir))
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
         kernel = None
         try:
-            library = _build(compiler, cache_dir() / "kernels")
+            library = _build(compiler, kernels_dir)
             if library is not None and _passes_self_test(library):
                 kernel = AmxLinear(library)
                 logger.info("bfloat16 products run on the AMX kernel %s", library.name)
         except OSError as exc:
             logger.info("AMX kernel unavailable: %s", exc)
-        _loaded[compiler] = kernel
+        _loaded[key] = kernel
         return kernel
