@@ -27,12 +27,13 @@ float32), ``fast-bf16``, ``fast-fp16``, and their ``cuda-`` variants.
 ``floor`` / ``floor-bf16`` time only the network's large matrix products
 (the embedding's C x C map over the M*K neighbour pairs, its final map and
 the two C x C products of every channel mix) for the scan's M kept points,
-on random data: no implementation of the network can be faster than that
-on this machine, so it bounds the speed-up any fast path can reach.
+on random data, with the product routine the fast engine uses (torch, or
+for bf16 on CPUs where oneDNN cannot use AMX, scalr_zoo's AMX kernel): it
+shows how much of a fast mode's time is left outside the products.
 
 Examples::
 
-    python benchmarks/bench_extract.py                          # everything (2-core CPU: ~25 min)
+    python benchmarks/bench_extract.py                          # everything (2-core CPU: ~40 min)
     python benchmarks/bench_extract.py --scans nuscenes --modes literal,fast --depth 6 --repeats 1
     python benchmarks/bench_extract.py --scan-file ../shared/data/kitti_000008.bin --sensor semantickitti
 """
@@ -159,7 +160,9 @@ def worker(args: argparse.Namespace) -> None:
     if impl == "fast":
         from scalr_zoo.fast import fast_engine
 
-        result["engine_mib"] = fast_engine(model, torch_dtype).nbytes / 2**20
+        engine = fast_engine(model, torch_dtype)
+        result["engine_mib"] = engine.nbytes / 2**20
+        result["amx_kernel"] = engine.amx is not None
     if cuda:
         result["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
         result["device_name"] = torch.cuda.get_device_name()
@@ -188,11 +191,24 @@ def _matrix_products(args: argparse.Namespace, model, points: np.ndarray, device
     chunks = [min(chunk, kept - start) for start in range(0, kept, chunk)]
     products = 2 * cfg.arch.depth + 1
 
+    from scalr_zoo._amx import amx_kernel, pack_weight
+
+    kernel = amx_kernel() if device == "cpu" and torch_dtype == torch.bfloat16 else None
+    if kernel is not None:  # the products the fast engine runs here: the AMX kernel's
+        packed = pack_weight(weight)
+
+        def product(x: torch.Tensor, out: torch.Tensor) -> None:
+            kernel.linear(x, packed, None, out)
+    else:
+
+        def product(x: torch.Tensor, out: torch.Tensor) -> None:
+            torch.mm(x, weight.t(), out=out)
+
     def run() -> None:
         for rows in chunks:
-            torch.mm(pairs[: rows * k], weight.t(), out=pair_out[: rows * k])
+            product(pairs[: rows * k], pair_out[: rows * k])
         for _ in range(products):
-            torch.mm(tokens, weight.t(), out=token_out)
+            product(tokens, token_out)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -208,7 +224,7 @@ def _matrix_products(args: argparse.Namespace, model, points: np.ndarray, device
     result = {
         "scan": args.scan, "mode": args.mode, "points": int(points.shape[0]), "kept": kept, "first_s": first,
         "times_s": times, "tflop": flops / 1e12, "gflops": flops / min(times) / 1e9,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "amx_kernel": kernel is not None,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -348,6 +364,8 @@ def _report(scan: str, results: dict[str, dict]) -> None:
     for mode, res in results.items():
         if "engine_mib" in res:
             print(f"{mode}: peak includes the engine's folded weights, {res['engine_mib']:.0f} MiB")
+        if res.get("amx_kernel"):
+            print(f"{mode}: bfloat16 products on scalr_zoo's AMX kernel (oneDNN is capped below AMX here)")
 
 
 if __name__ == "__main__":

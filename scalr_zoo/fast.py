@@ -33,7 +33,10 @@ in eval mode (up to float rounding) with less work and memory:
 * **Reduced precision.** With ``dtype=torch.bfloat16`` (or float16) the
   matrix products run in that dtype while the residual stream, the norm
   statistics and the spatial mixing stay float32 (autocast would run the
-  depthwise convolutions in reduced precision too).
+  depthwise convolutions in reduced precision too). On CPUs with AMX that
+  oneDNN cannot use (see :mod:`scalr_zoo._amx`) the bfloat16 products run
+  on our own AMX kernel, which also adds the second product of each channel
+  mix to the float32 tokens straight from its float32 accumulators.
 
 ``torch.compile`` is not used: fusing the cell convolutions with it saved
 about 35 ms per layer of WI-48-768 on a 2-core CPU (a few per cent of a
