@@ -37,7 +37,7 @@ import torch
 
 from ._platform import cpu_flags
 
-__all__ = ["BLOCK", "AmxLinear", "amx_cpu", "amx_kernel", "load_amx_kernel", "pack_weight"]
+__all__ = ["BLOCK", "AmxKernels", "amx_cpu", "amx_kernel", "load_amx_kernel", "pack_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +45,16 @@ logger = logging.getLogger(__name__)
 BLOCK = 32
 _SOURCE = Path(__file__).with_name("kernels") / "amx_linear.c"
 _FLAGS = ["-O3", "-shared", "-fPIC", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512vl", "-mavx512bf16"]
+_LIBS = ["-lpthread", "-lm"]
 _REQUIRED_CPU_FLAGS = {"amx_tile", "amx_bf16", "avx512f", "avx512_bf16"}
 _SELF_TEST = (
     "import sys, torch\n"
-    "from scalr_zoo._amx import AmxLinear\n"
-    "sys.exit(0 if AmxLinear(sys.argv[1]).self_test() else 1)\n"
+    "from scalr_zoo._amx import AmxKernels\n"
+    "sys.exit(0 if AmxKernels(sys.argv[1]).self_test() else 1)\n"
 )
 
 _lock = threading.Lock()
-_loaded: dict[tuple[str, str], AmxLinear | None] = {}
+_loaded: dict[tuple[str, str], AmxKernels | None] = {}
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
 
-class AmxLinear:
-    """The compiled kernel, loaded with ctypes.
+class AmxKernels:
+    """The compiled kernels (``kernels/amx_linear.c``), loaded with ctypes.
 
     Args:
         library: path of the compiled shared library.
@@ -84,6 +85,10 @@ class AmxLinear:
         self._lib.scalr_amx_linear.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ]  # fmt: skip
+        self._lib.scalr_layernorm_bf16.restype = ctypes.c_int
+        self._lib.scalr_layernorm_bf16.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
         ]  # fmt: skip
         if self._lib.scalr_amx_init() != 0:
             raise OSError("the kernel refused AMX tile state to this process (arch_prctl)")
@@ -119,7 +124,7 @@ class AmxLinear:
             or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()))
             or (accumulate and relu)
         ):
-            raise ValueError("AmxLinear.linear: bad shapes, dtypes or layouts (see the docstring)")
+            raise ValueError("AmxKernels.linear: bad shapes, dtypes or layouts (see the docstring)")
         status = self._lib.scalr_amx_linear(
             x.data_ptr(), m, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
             out.data_ptr(), 1 if accumulate else 0, 1 if relu else 0, torch.get_num_threads(),
@@ -128,8 +133,31 @@ class AmxLinear:
             raise MemoryError("the AMX kernel could not allocate its row buffer")
         return out
 
+    def layernorm(self, x: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (bf16) = LayerNorm of the rows of ``x`` without affine: ``(x - mean) / sqrt(var + eps)``.
+
+        Two passes over each row in float32 (no cancellation for rows with a
+        large mean), one rounding to bf16.
+
+        Args:
+            x: ``(M, C)`` contiguous float32 CPU rows, C a multiple of 16.
+            eps: added to the variance.
+            out: ``(M, C)`` contiguous bf16.
+        """
+        m, c = x.shape
+        if (
+            x.dtype != torch.float32
+            or not x.is_contiguous()
+            or out.shape != x.shape
+            or out.dtype != torch.bfloat16
+            or not out.is_contiguous()
+            or self._lib.scalr_layernorm_bf16(x.data_ptr(), m, c, eps, out.data_ptr(), torch.get_num_threads()) != 0
+        ):
+            raise ValueError("AmxKernels.layernorm: bad shapes, dtypes or layouts (see the docstring)")
+        return out
+
     def self_test(self) -> bool:
-        """Whether both epilogues match torch on a small product with ragged rows."""
+        """Whether both epilogues of the product (on ragged rows) and the row norm match torch."""
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(77, 64, generator=gen).to(torch.bfloat16)
         weight = torch.randn(96, 64, generator=gen)
@@ -138,9 +166,13 @@ class AmxLinear:
         packed = pack_weight(weight)
         stored = self.linear(x, packed, bias, torch.empty(77, 96, dtype=torch.bfloat16), relu=True)
         added = self.linear(x, packed, bias, torch.ones(77, 96), accumulate=True)
+        rows = 3 + 2 * torch.randn(77, 96, generator=gen)
+        normalized = self.layernorm(rows, 1e-5, torch.empty(77, 96, dtype=torch.bfloat16))
+        expected_rows = torch.nn.functional.layer_norm(rows, (96,), eps=1e-5)
         return bool(
             torch.allclose(stored.float(), expected.relu(), rtol=1e-2, atol=1e-2)
             and torch.allclose(added - 1, expected, rtol=1e-5, atol=1e-4)
+            and torch.allclose(normalized.float(), expected_rows, rtol=1e-2, atol=1e-2)
         )
 
 
@@ -155,7 +187,7 @@ def _build(compiler: str, kernels_dir: Path) -> Path | None:
     """Compile the kernel into the cache (once per source, compiler and flags); None when it fails."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join([compiler, version, *_FLAGS, platform.machine()]).encode()
+        _SOURCE.read_bytes() + " ".join([compiler, version, *_FLAGS, *_LIBS, platform.machine()]).encode()
     ).hexdigest()[:16]
     library = kernels_dir / f"amx_linear-{key}.so"
     if library.exists():
@@ -163,7 +195,7 @@ def _build(compiler: str, kernels_dir: Path) -> Path | None:
     kernels_dir.mkdir(parents=True, exist_ok=True)
     partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
     result = subprocess.run(
-        [compiler, *_FLAGS, "-o", str(partial), str(_SOURCE), "-lpthread"], capture_output=True, text=True
+        [compiler, *_FLAGS, "-o", str(partial), str(_SOURCE), *_LIBS], capture_output=True, text=True
     )
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
@@ -204,7 +236,7 @@ def _onednn_uses_amx() -> bool:
     return not isa or "AMX" in isa or isa in ("ALL", "DEFAULT")
 
 
-def amx_kernel() -> AmxLinear | None:
+def amx_kernel() -> AmxKernels | None:
     """The AMX kernel when this process should use it (see the module docstring), else None."""
     setting = os.environ.get("SCALR_ZOO_AMX_KERNEL", "auto").strip().lower()
     if setting in ("0", "false", "no", "off"):
@@ -214,7 +246,7 @@ def amx_kernel() -> AmxLinear | None:
     return load_amx_kernel()
 
 
-def load_amx_kernel() -> AmxLinear | None:
+def load_amx_kernel() -> AmxKernels | None:
     """The AMX kernel wherever it can run (x86-64 Linux with AMX, a C compiler, a passing self-test), else None.
 
     Builds and self-tests it on first use (see the module docstring); the
@@ -237,7 +269,7 @@ def load_amx_kernel() -> AmxLinear | None:
         try:
             library = _build(compiler, kernels_dir)
             if library is not None and _passes_self_test(library):
-                kernel = AmxLinear(library)
+                kernel = AmxKernels(library)
                 logger.info("bfloat16 products run on the AMX kernel %s", library.name)
         except OSError as exc:
             logger.info("AMX kernel unavailable: %s", exc)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._amx import BLOCK as AMX_BLOCK
-from ._amx import AmxLinear, amx_kernel, pack_weight
+from ._amx import AmxKernels, amx_kernel, pack_weight
 from .model import PackedInput, WaffleIron
 
 __all__ = ["FastWaffleIron", "fast_engine"]
@@ -139,7 +139,7 @@ class _Linear:
 
     @classmethod
     def of(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, amx: AmxLinear | None = None
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, amx: AmxKernels | None = None
     ) -> "_Linear":
         if amx is not None and weight.shape[0] % AMX_BLOCK == 0 and weight.shape[1] % AMX_BLOCK == 0:
             bias32 = None if bias is None else bias.to(torch.float32).contiguous()
@@ -173,7 +173,7 @@ class _FoldedSpatialMix:
     bias2: torch.Tensor  # (C,)
 
 
-def _fold_embedding(embed: nn.Module, dtype: torch.dtype, amx: AmxLinear | None) -> _FoldedEmbedding:
+def _fold_embedding(embed: nn.Module, dtype: torch.dtype, amx: AmxKernels | None) -> _FoldedEmbedding:
     a0, b0 = _bn_affine(embed.norm)
     width = embed.conv1.weight.shape[0]
     device = embed.conv1.weight.device
@@ -196,7 +196,7 @@ def _fold_embedding(embed: nn.Module, dtype: torch.dtype, amx: AmxLinear | None)
     )
 
 
-def _fold_channel_mix(mix: nn.Module, dtype: torch.dtype, amx: AmxLinear | None) -> _FoldedChannelMix:
+def _fold_channel_mix(mix: nn.Module, dtype: torch.dtype, amx: AmxKernels | None) -> _FoldedChannelMix:
     scale, shift = _norm_affine(mix.norm)
     w1, w2 = _matrix(mix.mlp[0]), _matrix(mix.mlp[2])
     b1, b2 = mix.mlp[0].bias.detach().double(), mix.mlp[2].bias.detach().double()
@@ -548,6 +548,8 @@ class FastWaffleIron:
         if tokens.device.type != "cpu":
             out.copy_(F.layer_norm(tokens, tokens.shape[1:], None, None, self.eps))
             return out
+        if self.amx is not None and out.dtype == torch.bfloat16 and tokens.shape[1] % 16 == 0:
+            return self.amx.layernorm(tokens, self.eps, out)
         mean, rstd, ill_rows = self._row_stats(tokens)
         torch.addcmul(mean.mul_(rstd).neg_(), tokens, rstd, out=out)
         if ill_rows is not None:

@@ -1,17 +1,22 @@
 /* bfloat16 linear layers on Intel AMX tiles, for CPUs whose AMX oneDNN cannot use.
  *
- * out = x @ W^T + bias, x (M, K) bf16 row-major, W given prepacked (see
- * scalr_zoo/_amx.py: pack_weight), accumulation in float32. Two epilogues:
+ * scalr_amx_linear: out = x @ W^T + bias, x (M, K) bf16 row-major, W given
+ * prepacked (see scalr_zoo/_amx.py: pack_weight), accumulation in float32.
+ * Two epilogues:
  *   mode 0: out (M, N) bf16 = [relu](x @ W^T + bias)
  *   mode 1: out (M, N) fp32 += x @ W^T + bias
- * K and N must be multiples of 32; any M. Work is split over `threads`
- * POSIX threads by blocks of 32 rows.
+ * K and N must be multiples of 32; any M.
+ * scalr_layernorm_bf16: the rows of a float32 (M, C) matrix normalised to
+ * zero mean and unit variance (LayerNorm without affine), written as bf16;
+ * C a multiple of 16. It feeds the products above.
+ * Both split their rows over `threads` POSIX threads.
  *
  * Tiles: 0-3 hold a 32 x 32 float32 output block (2 x 2 tiles of 16 x 16),
  * 4-5 two 16-row slices of x (16 x 32 bf16), 6-7 two 16-column slices of W
  * in the VNNI layout (16 pairs of k x 16 columns x 2).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,9 +43,42 @@ typedef struct {
     const float *bias;
     void *out;
     int mode, relu;
-    int64_t first_block, last_block;
-    int status;
+    volatile int failed; /* set by any thread that could not allocate its tail buffer */
 } job;
+
+typedef void (*range_fn)(void *context, int64_t first, int64_t last);
+
+typedef struct {
+    range_fn fn;
+    void *context;
+    int64_t first, last;
+} range_task;
+
+static void *run_range(void *arg) {
+    range_task *task = (range_task *)arg;
+    task->fn(task->context, task->first, task->last);
+    return NULL;
+}
+
+/* fn(context, first, last) over [0, count) split in `threads` contiguous ranges, one per thread. */
+static void parallel_for(int64_t count, int threads, range_fn fn, void *context) {
+    enum { MAX_THREADS = 64 };
+    if (threads > count) threads = (int)count;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    range_task tasks[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < threads; t++) tasks[t] = (range_task){fn, context, count * t / threads, count * (t + 1) / threads};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_range, &tasks[t]) == 0;
+    for (int t = 1; t < threads; t++) {
+        if (!started[t]) run_range(&tasks[t]); /* could not start a thread: do its share here */
+    }
+    run_range(&tasks[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+    }
+}
 
 /* Ask the kernel for the AMX tile state of this process; 0 on success. */
 int scalr_amx_init(void) {
@@ -112,19 +150,19 @@ static void row_block(const job *j, const uint16_t *a, int64_t row0, int rows, f
     }
 }
 
-static void *run_job(void *arg) {
-    job *j = (job *)arg;
+static void linear_rows(void *context, int64_t first_block, int64_t last_block) {
+    job *j = (job *)context;
     float block_out[BLOCK * BLOCK] __attribute__((aligned(64)));
     uint16_t *tail = NULL;
     configure_tiles();
-    for (int64_t b = j->first_block; b < j->last_block; b++) {
+    for (int64_t b = first_block; b < last_block; b++) {
         int64_t row0 = b * BLOCK;
         int rows = (int)(j->m - row0 < BLOCK ? j->m - row0 : BLOCK);
         const uint16_t *a = j->x + row0 * j->k;
         if (rows < BLOCK) { /* last, partial block: zero-padded copy */
             tail = (uint16_t *)calloc((size_t)BLOCK * j->k, sizeof(uint16_t));
             if (!tail) {
-                j->status = -1;
+                j->failed = 1;
                 break;
             }
             memcpy(tail, a, (size_t)rows * j->k * sizeof(uint16_t));
@@ -134,33 +172,54 @@ static void *run_job(void *arg) {
     }
     _tile_release();
     free(tail);
-    return NULL;
 }
 
 /* out = x @ W^T + bias (see the header); returns 0, or -1 on bad sizes or no memory. */
 int scalr_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w_packed, int64_t n,
                      const float *bias, void *out, int mode, int relu, int threads) {
     if (k % BLOCK || n % BLOCK || m < 0 || threads < 1 || (mode != 0 && mode != 1)) return -1;
+    job j = {x, m, k, n, w_packed, bias, out, mode, relu, 0};
     int64_t blocks = (m + BLOCK - 1) / BLOCK;
-    if (blocks == 0) return 0;
-    if (threads > blocks) threads = (int)blocks;
-    job jobs[64];
-    pthread_t ids[64];
-    if (threads > 64) threads = 64;
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = (job){x, m, k, n, w_packed, bias, out, mode, relu,
-                        blocks * t / threads, blocks * (t + 1) / threads, 0};
+    if (blocks > 0) parallel_for(blocks, threads, linear_rows, &j);
+    return j.failed ? -1 : 0;
+}
+
+typedef struct {
+    const float *x;
+    uint16_t *out;
+    int64_t c;
+    float eps;
+} norm_job;
+
+static void normalize_rows(void *context, int64_t first, int64_t last) {
+    const norm_job *j = (const norm_job *)context;
+    const int64_t c = j->c;
+    for (int64_t r = first; r < last; r++) {
+        const float *row = j->x + r * c;
+        /* Deviations from the row's first value are exact for a row whose mean dwarfs its spread,
+         * where summing the raw values would lose the spread to rounding. */
+        const __m512 shift = _mm512_set1_ps(row[0]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < c; i += 16) sum = _mm512_add_ps(sum, _mm512_sub_ps(_mm512_loadu_ps(row + i), shift));
+        const __m512 offset = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / (float)c);
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < c; i += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), shift), offset);
+            squares = _mm512_fmadd_ps(d, d, squares);
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)c + j->eps));
+        uint16_t *dst = j->out + r * c;
+        for (int64_t i = 0; i < c; i += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), shift), offset);
+            _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(d, rstd)));
+        }
     }
-    int started[64] = {0};
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
-    for (int t = 1; t < threads; t++) {
-        if (!started[t]) run_job(&jobs[t]); /* could not start a thread: do its share here */
-    }
-    run_job(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        if (jobs[t].status) status = jobs[t].status;
-    }
-    return status;
+}
+
+/* out (M, C) bf16 = (x - row mean) / sqrt(row variance + eps), two passes in float32; -1 on bad sizes. */
+int scalr_layernorm_bf16(const float *x, int64_t m, int64_t c, float eps, uint16_t *out, int threads) {
+    if (c % 16 || c <= 0 || m < 0 || threads < 1) return -1;
+    norm_job j = {x, out, c, eps};
+    if (m > 0) parallel_for(m, threads, normalize_rows, &j);
+    return 0;
 }
