@@ -1,12 +1,14 @@
 """Guard against CPUs that advertise Intel AMX but fault on it.
 
-Some virtual machines report AMX (``amx_tile``) in cpuid while the hypervisor
-does not let it run: oneDNN then picks AMX kernels for bfloat16 matrix
-products and the process dies with "Illegal instruction" (or fails with
-"could not create a primitive"). On such CPUs we probe once, in a child
-process, whether a bfloat16 product survives; if not, we cap oneDNN at
-AVX512-BF16 through ``ONEDNN_MAX_CPU_ISA`` before torch first uses it. The
-verdict is cached per CPU model, kernel and torch version.
+Some virtual machines report AMX (``amx_tile``) in cpuid but leave its
+palette leaf (cpuid 0x1D) empty. oneDNN builds its tile configuration from
+that leaf, so its AMX kernels for bfloat16 matrix products run on
+unconfigured tiles and the process dies with "Illegal instruction" (or
+fails with "could not create a primitive"). On such CPUs we probe once, in
+a child process, whether a bfloat16 product survives; if not, we cap oneDNN
+at AVX512-BF16 through ``ONEDNN_MAX_CPU_ISA`` before torch first uses it,
+and the fast engine runs its bfloat16 products on :mod:`scalr_zoo._amx`
+instead. The verdict is cached per CPU model, kernel and torch version.
 
 Set ``ONEDNN_MAX_CPU_ISA`` yourself, or ``SCALR_ZOO_SKIP_CPU_PROBE=1``, to
 bypass this.
