@@ -15,7 +15,6 @@ config hash) after a barrier.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import hashlib
 import json
 import logging
