@@ -51,10 +51,9 @@ def cpu_flags() -> tuple[str, set[str]]:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("SCALR_ZOO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "scalr_zoo"
-    )
-    return Path(root) / "cpu_probe.json"
+    from .hub import cache_dir  # no torch op runs on import: the guard still comes first
+
+    return cache_dir() / "cpu_probe.json"
 
 
 def guard_onednn_isa() -> None:
