@@ -143,11 +143,18 @@ def test_build_is_cached_and_verified(tmp_path, monkeypatch):
 
 @requires_amx
 def test_no_working_compiler_falls_back_to_torch(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCALR_ZOO_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "/bin/false")
+    # a compiler that writes part of its output, then fails
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo broken-cc 1.0; exit 0; }\n'
+        'while [ $# -gt 0 ]; do [ "$1" = -o ] && printf partial > "$2"; shift; done\nexit 1\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("SCALR_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("SCALR_ZOO_AMX_KERNEL", "1")
     assert _amx.amx_kernel() is None
-    assert not list((tmp_path / "kernels").glob("*"))  # nothing half-written
+    assert not list((tmp_path / "cache" / "kernels").glob("*"))  # nothing half-written
     model = _model(width=64, seed=2)
     engine = FastWaffleIron(model, torch.bfloat16)
     assert engine.amx is None and engine.channel[0].hidden.packed is None
